@@ -1,0 +1,198 @@
+"""Typed, validated parameters, one dataclass per ``params.yaml`` section.
+
+Every stage loads the whole file through :func:`load_params`, so a typo or a
+bad value anywhere is reported before any work starts. Each field's comment is
+the documentation of that knob; ``params.yaml`` mirrors it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdpipe.errors import KdpipeError
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: str = "fashion-mnist"  # dataset: fashion-mnist, mnist, kmnist, or local (IDX files + SHA256SUMS in `source`)
+    source: str = ""  # directory holding the IDX(.gz) files; "" = $KDPIPE_DATA_SOURCE, /usr/share/datasets/<name>, then download
+    val_size: int = 5000  # training images held out for validation (model selection); the test set is used only by evaluate
+    split_seed: int = 0  # seed of the train/validation split
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    model: str = "mlp-1200-1200"  # architecture (see kdpipe.models.MODELS)
+    dropout: float = 0.2  # dropout before each hidden layer's output
+    epochs: int = 15  # passes over the training split
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.001  # Adam learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    seed: int = 0  # seeds initialisation, shuffling and dropout
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    batch_size: int = 2048  # images per teacher forward pass while caching
+    min_val_accuracy: float = 0.5  # refuse to cache logits of a teacher below this validation accuracy
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    student: str = "mlp-800"  # student architecture (see kdpipe.models.MODELS)
+    dropout: float = 0.0  # student dropout
+    epochs: int = 15  # passes over the training split
+    batch_size: int = 128  # images per optimizer step
+    lr: float = 0.001  # Adam learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    seed: int = 0  # seeds initialisation, shuffling and dropout (same for kd and baseline)
+    method: str = "kd"  # distillation loss (see kdpipe.losses.LOSSES)
+    temperature: float = 4.0  # softening temperature T of teacher and student logits
+    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs cross-entropy
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 1000  # images per forward pass when scoring the test set
+    ece_bins: int = 15  # equal-width confidence bins of the expected calibration error
+    latency_repeats: int = 50  # timed forward passes per latency measurement (median reported)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    teacher: TeacherParams
+    cache: CacheParams
+    distill: DistillParams
+    evaluate: EvaluateParams
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataParams,
+    "teacher": TeacherParams,
+    "cache": CacheParams,
+    "distill": DistillParams,
+    "evaluate": EvaluateParams,
+}
+
+# Keys of `distill` that only the distilled variant reads; the baseline (alpha=0,
+# no teacher) must not depend on them, or a temperature change would retrain it.
+KD_ONLY_KEYS = ("method", "temperature", "alpha")
+
+
+def distill_keys(variant: str) -> list[str]:
+    """The dotted ``distill.*`` keys a distill variant reads (and dvc.yaml must declare)."""
+    names = [f.name for f in fields(DistillParams)]
+    if variant == "baseline":
+        names = [n for n in names if n not in KD_ONLY_KEYS]
+    return [f"distill.{n}" for n in names]
+
+
+def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
+    where = f"{section}.{key}"
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        raise KdpipeError(
+            f"params: `{where}` must be {expected.__name__}, got {type(value).__name__} {value!r}. "
+            f"Fix the value in params.yaml (or the -S override)."
+        )
+    return value
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise KdpipeError(f"params: section `{name}` must be a mapping of keys to values, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise KdpipeError(
+            f"params: unknown key(s) {', '.join(f'`{name}.{k}`' for k in unknown)} in section `{name}`. "
+            f"Valid keys: {', '.join(sorted(known))}. A misspelt key is otherwise silently ignored; fix or remove it."
+        )
+    missing = sorted(known - set(raw))
+    if missing:
+        raise KdpipeError(
+            f"params: section `{name}` lacks key(s) {', '.join(f'`{name}.{k}`' for k in missing)}. "
+            f"Add them to params.yaml: DVC tracks only keys written in the file, so defaults are not filled in."
+        )
+    values = {k: _check_type(name, k, raw[k], hints[k]) for k in sorted(known)}
+    return cls(**values)
+
+
+def _require(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise KdpipeError(f"params: `{where}` {message}. Fix it in params.yaml (or the -S override).")
+
+
+def validate(p: Params) -> None:
+    """Range checks that types alone cannot express."""
+    # Imported here: the registries live beside the code they name.
+    from kdpipe.data import DATASETS
+    from kdpipe.losses import LOSSES
+    from kdpipe.models import MODELS
+
+    _require(p.data.name in DATASETS, "data.name", f"is {p.data.name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+    _require(p.data.val_size >= 1, "data.val_size", f"must be at least 1, got {p.data.val_size}")
+    for section in ("teacher", "distill"):
+        s = getattr(p, section)
+        _require(s.epochs >= 1, f"{section}.epochs", f"must be at least 1, got {s.epochs}")
+        _require(s.batch_size >= 1, f"{section}.batch_size", f"must be at least 1, got {s.batch_size}")
+        _require(s.lr > 0, f"{section}.lr", f"must be positive, got {s.lr}")
+        _require(s.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {s.weight_decay}")
+        _require(0 <= s.dropout < 1, f"{section}.dropout", f"must be in [0, 1), got {s.dropout}")
+    _require(p.teacher.model in MODELS, "teacher.model", f"is {p.teacher.model!r}; valid models: {', '.join(sorted(MODELS))}")
+    _require(p.distill.student in MODELS, "distill.student", f"is {p.distill.student!r}; valid models: {', '.join(sorted(MODELS))}")
+    _require(p.distill.method in LOSSES, "distill.method", f"is {p.distill.method!r}; valid methods: {', '.join(sorted(LOSSES))}")
+    _require(p.distill.temperature > 0, "distill.temperature", f"must be positive, got {p.distill.temperature}")
+    _require(0 <= p.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {p.distill.alpha}")
+    _require(p.cache.batch_size >= 1, "cache.batch_size", f"must be at least 1, got {p.cache.batch_size}")
+    _require(0 <= p.cache.min_val_accuracy <= 1, "cache.min_val_accuracy", f"must be in [0, 1], got {p.cache.min_val_accuracy}")
+    _require(p.evaluate.batch_size >= 1, "evaluate.batch_size", f"must be at least 1, got {p.evaluate.batch_size}")
+    _require(p.evaluate.ece_bins >= 1, "evaluate.ece_bins", f"must be at least 1, got {p.evaluate.ece_bins}")
+    _require(p.evaluate.latency_repeats >= 1, "evaluate.latency_repeats", f"must be at least 1, got {p.evaluate.latency_repeats}")
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Build validated :class:`Params` from the mapping read from ``params.yaml``."""
+    if not isinstance(raw, dict):
+        raise KdpipeError(f"{source}: expected a mapping of sections (data, teacher, ...), got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise KdpipeError(
+            f"{source}: unknown section(s) {', '.join(map(repr, unknown))}. Valid sections: {', '.join(SECTIONS)}."
+        )
+    missing = [s for s in SECTIONS if s not in raw]
+    if missing:
+        raise KdpipeError(f"{source}: missing section(s) {', '.join(map(repr, missing))}. Copy them from the README's params.yaml.")
+    params = Params(**{name: _section(name, cls, raw[name]) for name, cls in SECTIONS.items()})
+    validate(params)
+    return params
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate ``params.yaml``; every failure names the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise KdpipeError(f"{path}: no such params file. Run from the repository root or pass --params PATH.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise KdpipeError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(section: str, obj: Any) -> dict[str, Any]:
+    """``{"distill.temperature": 4.0, ...}``: the dotted names DVC shows, for MLflow params."""
+    return {f"{section}.{k}": v for k, v in sorted(dataclasses.asdict(obj).items())}

@@ -1,0 +1,54 @@
+"""The evaluation summary: comparison numbers and a short Markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    ("accuracy", "test acc", "{:.4f}"),
+    ("errors", "errors", "{:d}"),
+    ("nll", "NLL", "{:.4f}"),
+    ("ece", "ECE", "{:.4f}"),
+    ("agreement_with_teacher", "agree w/ teacher", "{:.4f}"),
+    ("param_count", "params", "{:,}"),
+    ("file_bytes", "file bytes", "{:,}"),
+    ("latency_ms_b1", "latency b=1 (ms)", "{:.3f}"),
+    ("latency_ms_b256", "latency b=256 (ms)", "{:.2f}"),
+)
+
+
+def comparison(scores: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How much the distilled student gains over the baseline, and how much of the teacher gap it closes."""
+    teacher, kd, base = (scores[k]["accuracy"] for k in ("teacher", "kd", "baseline"))
+    gap = teacher - base
+    return {
+        "kd_minus_baseline": round(kd - base, 6),
+        # Undefined when the teacher is no better than the baseline: nothing to recover.
+        "gap_recovered": round((kd - base) / gap, 6) if gap > 0 else None,
+    }
+
+
+def markdown_report(dataset: str, scores: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
+    lines = [
+        f"# kdpipe evaluation on the {dataset} test set",
+        "",
+        "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for name, row in scores.items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    gain = summary["kd_minus_baseline"] * 100
+    recovered = summary["gap_recovered"]
+    lines += [
+        "",
+        f"Distilled student minus baseline: {gain:+.2f} points of test accuracy.",
+        (
+            f"Share of the teacher-baseline gap recovered: {recovered * 100:.1f}%."
+            if recovered is not None
+            else "The teacher is no better than the baseline on this test set, so there is no gap to recover."
+        ),
+        "",
+        "Latency is the median CPU wall time of one forward pass in inference mode; it varies from run to run.",
+        "",
+    ]
+    return "\n".join(lines)

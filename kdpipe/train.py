@@ -1,0 +1,130 @@
+"""ONE training loop for teachers and students; the loss is passed in.
+
+Data lives in memory as one uint8 tensor; each step indexes a batch from it
+(no DataLoader, no per-sample transforms). Soft targets, when given, are
+indexed with the same batch indices, so a student never needs the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdpipe.errors import KdpipeError
+from kdpipe.inference import predict_logits
+from kdpipe.losses import LossFn
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float  # mean loss over the epoch's steps
+    val_loss: float  # cross-entropy on the validation split
+    val_accuracy: float
+    seconds: float  # wall time of the training part of the epoch
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[EpochStats]
+    best_epoch: int  # the epoch whose weights are kept (highest validation accuracy)
+
+    @property
+    def best(self) -> EpochStats:
+        return self.history[self.best_epoch - 1]
+
+
+BatchCallback = Callable[[int, int, int, float], None]  # epoch, step, steps per epoch, loss
+EpochCallback = Callable[[EpochStats], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG that initialisation, shuffling and dropout use, and pin algorithms."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of ``model`` on one split."""
+    logits = predict_logits(model, images, batch_size)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    val_images: torch.Tensor,
+    val_labels: torch.Tensor,
+    loss_fn: LossFn,
+    soft_targets: torch.Tensor | None = None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    on_batch: BatchCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``model`` in place; keep the weights of the best validation epoch.
+
+    Raises :class:`KdpipeError` on a non-finite loss, naming epoch and step.
+    """
+    if soft_targets is not None and soft_targets.shape[0] != images.shape[0]:
+        raise ValueError("soft_targets must have one row per training image")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+    shuffle = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    steps = (n + batch_size - 1) // batch_size
+    history: list[EpochStats] = []
+    best_state, best_epoch, best_acc = None, 0, -1.0
+
+    for epoch in range(1, epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        order = torch.randperm(n, generator=shuffle)
+        total = 0.0
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            logits = model(images[idx])
+            teacher = soft_targets[idx] if soft_targets is not None else None
+            loss = loss_fn(logits, labels[idx], teacher)
+            value = loss.item()
+            if value != value or value in (float("inf"), float("-inf")):
+                raise KdpipeError(
+                    f"training diverged: the loss is {value} at epoch {epoch}, step {step + 1} of {steps}. "
+                    f"Lower the learning rate (lr={lr}) or the temperature, and check the inputs. Nothing was written."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value
+            if on_batch is not None:
+                on_batch(epoch, step + 1, steps, value)
+        seconds = time.perf_counter() - started
+        val_loss, val_acc = evaluate_split(model, val_images, val_labels)
+        stats = EpochStats(epoch, total / steps, val_loss, val_acc, seconds)
+        history.append(stats)
+        if val_acc > best_acc:
+            best_state, best_epoch, best_acc = copy.deepcopy(model.state_dict()), epoch, val_acc
+        if on_epoch is not None:
+            on_epoch(stats)
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(history=history, best_epoch=best_epoch)

@@ -1,0 +1,188 @@
+"""What every stage command shares: file paths, error reporting, progress, summaries.
+
+Paths are relative to the repository root (DVC runs each stage there; run the
+commands by hand from there too).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from kdpipe.artifacts import sha256_file, write_json
+from kdpipe.data import SplitData
+from kdpipe.errors import KdpipeError
+from kdpipe.losses import LossFn
+from kdpipe.models import param_count, save_model
+from kdpipe.tracking import StageRun
+from kdpipe.train import EpochStats, FitResult, fit
+
+DATA_FILE = Path("data/dataset.safetensors")
+TEACHER_FILE = Path("artifacts/teacher/model.safetensors")
+LOGITS_FILE = Path("artifacts/teacher/logits.safetensors")
+METRICS_DIR = Path("metrics")
+HISTORY_DIR = METRICS_DIR / "history"
+CONFUSION_DIR = METRICS_DIR / "confusion"
+REPORT_FILE = METRICS_DIR / "report.md"
+VARIANTS = ("kd", "baseline")  # the distill stage's foreach keys in dvc.yaml
+
+
+def student_file(variant: str) -> Path:
+    return Path("artifacts/students") / variant / "model.safetensors"
+
+
+# Options every stage takes.
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="The params file (sections data, teacher, cache, distill, evaluate).")
+NoTrackOption = typer.Option(False, "--no-track", help="Do not log to MLflow (e.g. when no tracking server is reachable).")
+DebugOption = typer.Option(False, "--debug", help="Show full tracebacks (also KDPIPE_DEBUG=1).")
+
+
+def stage_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn user-actionable errors into one paragraph and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        debug = kwargs.get("debug", False) or os.environ.get("KDPIPE_DEBUG") == "1"
+        logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            fn(*args, **kwargs)
+        except KdpipeError as exc:
+            if debug:
+                traceback.print_exc()
+            typer.echo(f"error: {exc}", err=True)
+            if os.environ.get("DVC_STAGE"):
+                typer.echo(
+                    "note: DVC removed this stage's previous outputs before running it; they are still in DVC's cache: "
+                    "`dvc checkout` restores them.",
+                    err=True,
+                )
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing was written. Run the stage again (or `dvc repro`) to start over.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def summary(stage: str, wrote: list[Path | str], headline: str) -> None:
+    """The one line each stage ends with."""
+    typer.echo(f"{stage}: wrote {', '.join(map(str, wrote))}; {headline}")
+
+
+class TrainingProgress:
+    """A rich progress bar on a terminal; one plain line per epoch otherwise (logs, CI)."""
+
+    def __init__(self, label: str, epochs: int, *, stream=None) -> None:
+        self.label, self.epochs = label, epochs
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+        self._val = "-"
+
+    def __enter__(self) -> "TrainingProgress":
+        if self.interactive:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  val acc {task.fields[val]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def on_batch(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if self._progress is None:
+            return
+        description = f"{self.label} epoch {epoch}/{self.epochs}"
+        if self._task is None or step == 1:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(description, total=steps, loss="-", val=self._val)
+        if step % 10 == 0 or step == steps:
+            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}")
+
+    def on_epoch(self, stats: EpochStats) -> None:
+        self._val = f"{stats.val_accuracy:.4f}"
+        line = (
+            f"{self.label} epoch {stats.epoch}/{self.epochs}: train loss {stats.train_loss:.4f}, "
+            f"val loss {stats.val_loss:.4f}, val acc {stats.val_accuracy:.4f}, {stats.seconds:.1f}s"
+        )
+        if self._progress is not None:
+            self._progress.update(self._task, val=self._val)
+            self._progress.console.print(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+def training_summary(result: FitResult) -> dict[str, Any]:
+    """Deterministic facts about a training run (safe to store inside weights files)."""
+    best = result.best
+    return {"best_epoch": result.best_epoch, "val_accuracy": round(best.val_accuracy, 6), "val_loss": round(best.val_loss, 6)}
+
+
+def training_metrics(result: FitResult, param_count: int) -> dict[str, Any]:
+    """metrics/<name>.json content (includes timings, so never stored inside weights)."""
+    seconds = [h.seconds for h in result.history]
+    return {
+        **training_summary(result),
+        "epochs": len(result.history),
+        "epoch_seconds_mean": round(sum(seconds) / len(seconds), 3),
+        "train_seconds": round(sum(seconds), 3),
+        "param_count": param_count,
+    }
+
+
+def history_rows(result: FitResult) -> list[dict[str, Any]]:
+    """Per-epoch curves for DVC plots."""
+    return [
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in h.as_dict().items()}
+        for h in result.history
+    ]
+
+
+def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any) -> FitResult:
+    """``fit`` with a progress display and per-epoch MLflow metrics; ``hp`` is a params section."""
+    with TrainingProgress(label, hp.epochs) as progress:
+
+        def on_epoch(stats: EpochStats) -> None:
+            progress.on_epoch(stats)
+            run.log_metrics(
+                {"train_loss": stats.train_loss, "val_loss": stats.val_loss, "val_accuracy": stats.val_accuracy, "epoch_seconds": stats.seconds},
+                step=stats.epoch,
+            )
+
+        return fit(
+            model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
+            loss_fn=loss_fn, soft_targets=soft_targets, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
+            weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch,
+        )
+
+
+def save_trained(name: str, run: StageRun, model, spec: dict, weights_file: Path, result: FitResult, extra_meta: dict) -> dict[str, Any]:
+    """Write weights (+spec), metrics/<name>.json and its history; log them to MLflow."""
+    save_model(weights_file, model, spec, {"training": training_summary(result), **extra_meta})
+    metrics = training_metrics(result, param_count(model))
+    write_json(METRICS_DIR / f"{name}.json", metrics)
+    write_json(HISTORY_DIR / f"{name}.json", history_rows(result))
+    run.log_metrics({f"best_{k}": v for k, v in training_summary(result).items()} | {"param_count": metrics["param_count"]})
+    run.set_tags({"kdpipe.weights_sha256": sha256_file(weights_file)})
+    run.log_artifact(weights_file)
+    return metrics

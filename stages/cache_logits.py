@@ -1,0 +1,59 @@
+"""Stage 3, cache_logits: run the teacher once over train and validation, store raw logits.
+
+The teacher runs in eval mode under inference mode with frozen parameters. The
+cache records the SHA-256 of the teacher weights and of the dataset, so distill
+can refuse a stale cache.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from kdpipe.artifacts import save_tensors, sha256_file
+from kdpipe.data import load_split
+from kdpipe.errors import KdpipeError
+from kdpipe.logits import compute_cache
+from kdpipe.metrics import accuracy
+from kdpipe.models import load_model
+from kdpipe.params import flatten, load_params
+from kdpipe.tracking import StageRun
+from stages._common import DATA_FILE, LOGITS_FILE, TEACHER_FILE, DebugOption, NoTrackOption, ParamsOption, stage_command, summary
+
+
+@stage_command
+def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: bool = DebugOption) -> None:
+    """Cache the teacher's raw float32 logits for the train and validation splits."""
+    p = load_params(params).cache
+    data = load_split(DATA_FILE)
+    teacher, _ = load_model(TEACHER_FILE, made_by="train_teacher")
+    with StageRun("cache_logits", "cache_logits", enabled=not no_track) as run:
+        run.log_params(flatten("cache", p))
+        started = time.perf_counter()
+        cache = compute_cache(teacher, {"train": data.train_images, "val": data.val_images}, p.batch_size)
+        seconds = time.perf_counter() - started
+        val_acc = accuracy(cache["val_logits"], data.val_labels)
+        if val_acc < p.min_val_accuracy:
+            raise KdpipeError(
+                f"{TEACHER_FILE}: the teacher's validation accuracy is {val_acc:.4f}, below cache.min_val_accuracy "
+                f"({p.min_val_accuracy}); a student would learn from a bad teacher. Train it longer (teacher.epochs) "
+                f"or lower the threshold. Nothing was written."
+            )
+        meta = {
+            "teacher_sha256": sha256_file(TEACHER_FILE),
+            "data_sha256": sha256_file(DATA_FILE),
+            "teacher_val_accuracy": round(val_acc, 6),
+            "dtype": "float32",
+            "tempered": False,
+        }
+        save_tensors(LOGITS_FILE, cache, meta)
+        run.log_metrics({"teacher_val_accuracy": val_acc, "cache_seconds": seconds, "train_rows": cache["train_logits"].shape[0]})
+        run.set_tags({"kdpipe.cache_sha256": sha256_file(LOGITS_FILE), "kdpipe.teacher_sha256": meta["teacher_sha256"]})
+    rows = cache["train_logits"].shape[0] + cache["val_logits"].shape[0]
+    summary("cache_logits", [LOGITS_FILE], f"{rows} rows in {seconds:.1f}s, teacher val acc {val_acc:.4f}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

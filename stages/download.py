@@ -1,0 +1,38 @@
+"""Stage 1, download: find, verify and store the dataset as compact tensors.
+
+Looks for the four IDX files in data.source, then $KDPIPE_DATA_SOURCE, then
+/usr/share/datasets/<name>/, and only then downloads them from the official
+mirrors. Every file is verified before anything is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kdpipe.artifacts import save_tensors, sha256_file
+from kdpipe.data import DATASETS, build_split, read_dataset_files
+from kdpipe.params import flatten, load_params
+from kdpipe.tracking import StageRun
+from stages._common import DATA_FILE, DebugOption, NoTrackOption, ParamsOption, stage_command, summary
+
+
+@stage_command
+def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: bool = DebugOption) -> None:
+    """Verify the dataset's IDX files and write data/dataset.safetensors (uint8 images, int64 labels, train/val/test)."""
+    p = load_params(params).data
+    spec = DATASETS[p.name]
+    with StageRun("download", "download", enabled=not no_track) as run:
+        run.log_params(flatten("data", p))
+        arrays, hashes, origin = read_dataset_files(spec, p.source)
+        data, index = build_split(p.name, arrays, hashes, p.val_size, p.split_seed, spec.classes)
+        save_tensors(DATA_FILE, {**data.tensors(), **index}, data.meta)
+        sizes = {f"{s}_size": int(getattr(data, f"{s}_labels").shape[0]) for s in ("train", "val", "test")}
+        run.log_metrics(sizes)
+        run.set_tags({"kdpipe.data_origin": origin, "kdpipe.data_sha256": sha256_file(DATA_FILE)})
+    summary("download", [DATA_FILE], f"{p.name} from {origin}: {sizes['train_size']} train, {sizes['val_size']} val, {sizes['test_size']} test images")
+
+
+if __name__ == "__main__":
+    typer.run(main)

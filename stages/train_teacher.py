@@ -1,0 +1,42 @@
+"""Stage 2, train_teacher: train the teacher on the training split, pick its epoch on validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kdpipe.artifacts import sha256_file
+from kdpipe.data import load_split
+from kdpipe.losses import cross_entropy
+from kdpipe.models import build_model, make_spec
+from kdpipe.params import flatten, load_params
+from kdpipe.tracking import StageRun
+from kdpipe.train import seed_everything
+from stages._common import (
+    DATA_FILE, METRICS_DIR, TEACHER_FILE, DebugOption, NoTrackOption, ParamsOption, save_trained, stage_command,
+    summary, train_logged,
+)
+
+
+@stage_command
+def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: bool = DebugOption) -> None:
+    """Train the teacher (teacher.* params) and write artifacts/teacher/model.safetensors."""
+    p = load_params(params).teacher
+    data = load_split(DATA_FILE)
+    m = data.meta
+    spec = make_spec(p.model, num_classes=m["num_classes"], image_shape=m["image_shape"], mean=m["mean"], std=m["std"], dropout=p.dropout)
+    with StageRun("train_teacher", "teacher", enabled=not no_track) as run:
+        run.log_params(flatten("teacher", p))
+        seed_everything(p.seed)
+        model = build_model(spec)
+        result = train_logged("teacher", run, model, data, loss_fn=cross_entropy, hp=p)
+        metrics = save_trained("teacher", run, model, spec, TEACHER_FILE, result, {"data_sha256": sha256_file(DATA_FILE)})
+    summary(
+        "train_teacher", [TEACHER_FILE, METRICS_DIR / "teacher.json"],
+        f"val acc {metrics['val_accuracy']:.4f} (best epoch {metrics['best_epoch']}/{p.epochs}), {metrics['epoch_seconds_mean']:.1f}s/epoch",
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
