@@ -81,6 +81,7 @@ class StageRun:
         self.root = root or repo_root()
         self._mlflow: Any = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
 
     def __enter__(self) -> "StageRun":
         if not self.enabled:
@@ -115,7 +116,7 @@ class StageRun:
             raise KdpipeError(
                 f"MLflow tracking at {uri} failed before training ({exc}). Fix MLFLOW_TRACKING_URI or pass --no-track."
             ) from None
-        self._mlflow, self.run_id = mlflow, run.info.run_id
+        self._mlflow, self.run_id, self.experiment_id = mlflow, run.info.run_id, experiment_id
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -150,7 +151,7 @@ class StageRun:
         mlflow = self._mlflow
 
         def child() -> None:
-            with mlflow.start_run(run_name=run_name, nested=True, tags={"kdpipe.stage": self.stage, **tags}):
+            with mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, nested=True, tags={"kdpipe.stage": self.stage, **tags}):
                 mlflow.log_metrics(metrics)
 
         self._safely(f"log nested run {run_name}", child)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from kdpipe.artifacts import save_tensors, sha256_file
+from kdpipe.errors import KdpipeError
+from kdpipe.losses import cross_entropy, make_loss
+from kdpipe.models import build_model, make_spec
+from kdpipe.train import fit, seed_everything
+from tests.conftest import make_images
+
+
+def tiny():
+    x, y = make_images(400, 3)
+    return x[:300], y[:300].long(), x[300:], y[300:].long()
+
+
+def run(seed=0, loss_fn=cross_entropy, soft=None, lr=1e-3, epochs=3):
+    x, y, vx, vy = tiny()
+    seed_everything(seed)
+    model = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.1))
+    result = fit(model, x, y, val_images=vx, val_labels=vy, loss_fn=loss_fn, soft_targets=soft,
+                 epochs=epochs, batch_size=32, lr=lr, weight_decay=0.0, seed=seed)
+    return model, result
+
+
+def test_loss_decreases_and_model_learns():
+    _, result = run(epochs=4)
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.best.val_accuracy > 0.5
+
+
+def test_same_seed_gives_byte_identical_weights(tmp_path):
+    for i in range(2):
+        model, _ = run(seed=5)
+        save_tensors(tmp_path / f"{i}.st", model.state_dict(), {"x": 1})
+    assert sha256_file(tmp_path / "0.st") == sha256_file(tmp_path / "1.st")
+    model, _ = run(seed=6)
+    save_tensors(tmp_path / "2.st", model.state_dict(), {"x": 1})
+    assert sha256_file(tmp_path / "2.st") != sha256_file(tmp_path / "0.st")
+
+
+def test_best_validation_epoch_is_kept():
+    model, result = run(epochs=4)
+    from kdpipe.train import evaluate_split
+
+    _, _, vx, vy = tiny()
+    assert evaluate_split(model, vx, vy)[1] == pytest.approx(result.best.val_accuracy)
+
+
+def test_soft_targets_are_indexed_with_the_batch():
+    x, y, _, _ = tiny()
+    teacher_logits = torch.nn.functional.one_hot(y, 10).float() * 8  # a perfect teacher
+    _, result = run(loss_fn=make_loss("kd", temperature=2.0, alpha=1.0), soft=teacher_logits, epochs=4)
+    assert result.best.val_accuracy > 0.5  # learns the labels from soft targets alone
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    with pytest.raises(KdpipeError, match=r"loss is nan at epoch 1, step 1 of 10.*learning rate"):
+        run(loss_fn=lambda s, y, t: s.sum() * float("nan"))
