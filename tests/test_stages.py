@@ -1,0 +1,73 @@
+"""Stage commands run by hand: clear errors, non-zero exit, nothing written or lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from kdpipe.artifacts import sha256_file
+from tests.conftest import REPO, write_idx_dir
+
+
+def run_stage(cwd: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "KDPIPE_", "MLFLOW_"))}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", module, "--no-track", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def write_params(cwd: Path, **data) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(data)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_download_writes_a_verified_dataset(tmp_path):
+    write_idx_dir(tmp_path / "idx")
+    write_params(tmp_path, name="local", source=str(tmp_path / "idx"), val_size=50)
+    result = run_stage(tmp_path, "stages.download")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("download: wrote data/dataset.safetensors; local from")
+    assert (tmp_path / "data/dataset.safetensors").is_file()
+
+
+def test_corrupt_source_fails_clearly_and_leaves_previous_output_intact(tmp_path):
+    idx = tmp_path / "idx"
+    write_idx_dir(idx)
+    write_params(tmp_path, name="local", source=str(idx), val_size=50)
+    assert run_stage(tmp_path, "stages.download").returncode == 0
+    before = sha256_file(tmp_path / "data/dataset.safetensors")
+    # Flip one byte inside the (uncompressed) payload of a label file: the checksum must catch it.
+    gz = idx / "train-labels-idx1-ubyte.gz"
+    import gzip
+
+    raw = bytearray(gzip.decompress(gz.read_bytes()))
+    raw[-1] ^= 1
+    gz.write_bytes(gzip.compress(bytes(raw)))
+    result = run_stage(tmp_path, "stages.download")
+    assert result.returncode == 1
+    assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
+    assert sha256_file(tmp_path / "data/dataset.safetensors") == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dataset.safetensors"]
+
+
+def test_missing_upstream_output_names_the_stage(tmp_path):
+    write_params(tmp_path)
+    result = run_stage(tmp_path, "stages.train_teacher")
+    assert result.returncode == 1
+    assert "data/dataset.safetensors: file not found. Run `dvc repro download`" in result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    write_params(tmp_path)
+    result = run_stage(tmp_path, "stages.train_teacher", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_every_stage_has_help():
+    for module in ("download", "train_teacher", "cache_logits", "distill", "evaluate"):
+        result = run_stage(REPO, f"stages.{module}", "--help")
+        assert result.returncode == 0 and "--params" in result.stdout, module
