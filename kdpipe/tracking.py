@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import subprocess
 import urllib.parse
 import urllib.request
@@ -121,6 +122,8 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._mlflow is not None:
+            # Peak memory of the stage process so far (Linux reports KiB), for capacity planning.
+            self.log_metrics({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
     def _safely(self, what: str, fn, *args, **kwargs) -> None:

@@ -8,6 +8,7 @@ indexed with the same batch indices, so a student never needs the teacher.
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdpipe.checkpoint import Checkpoint, TrainState
 from kdpipe.errors import KdpipeError
 from kdpipe.inference import predict_logits
 from kdpipe.losses import LossFn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def fit(
     val_labels: torch.Tensor,
     loss_fn: LossFn,
     soft_targets: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -79,30 +84,68 @@ def fit(
     seed: int,
     on_batch: BatchCallback | None = None,
     on_epoch: EpochCallback | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
     """Train ``model`` in place; keep the weights of the best validation epoch.
 
+    Soft targets come either from ``soft_targets`` (cached teacher logits, one
+    row per training image) or from ``teacher`` run on every batch (online;
+    slower, for inputs a cache cannot hold). On CUDA the data stays resident on
+    the device and the forward pass runs under bf16 autocast. With a
+    ``checkpoint``, the state after each epoch is saved and a matching saved
+    state is resumed from, giving the same bytes as an uninterrupted run.
     Raises :class:`KdpipeError` on a non-finite loss, naming epoch and step.
     """
     if soft_targets is not None and soft_targets.shape[0] != images.shape[0]:
         raise ValueError("soft_targets must have one row per training image")
+    if soft_targets is not None and teacher is not None:
+        raise ValueError("give cached soft_targets or an online teacher, not both")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    model.to(device)
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    val_images, val_labels = val_images.to(device), val_labels.to(device)
+    if soft_targets is not None:
+        soft_targets = soft_targets.to(device, non_blocking=True)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
     shuffle = torch.Generator().manual_seed(seed)
     n = images.shape[0]
     steps = (n + batch_size - 1) // batch_size
     history: list[EpochStats] = []
     best_state, best_epoch, best_acc = None, 0, -1.0
+    first_epoch = 1
 
-    for epoch in range(1, epochs + 1):
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and saved.epoch <= epochs:
+        model.load_state_dict(saved.model)
+        optimizer.load_state_dict({"state": saved.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+        shuffle.set_state(saved.shuffle_rng)
+        torch.set_rng_state(saved.torch_rng)
+        history = [EpochStats(**h) for h in saved.history]
+        best_state, best_epoch, best_acc = saved.best_model, saved.best_epoch, saved.best_accuracy
+        first_epoch = saved.epoch + 1
+        log.warning("resuming from the checkpoint of epoch %d/%d (%s)", saved.epoch, epochs, checkpoint.path)
+
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(n, generator=shuffle)
+        order = torch.randperm(n, generator=shuffle).to(device, non_blocking=True)
         total = 0.0
         for step in range(steps):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            logits = model(images[idx])
-            teacher = soft_targets[idx] if soft_targets is not None else None
-            loss = loss_fn(logits, labels[idx], teacher)
+            x = images[idx]
+            if teacher is not None:
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                    targets = teacher(x).float()
+                targets = targets.clone()  # inference tensors cannot enter autograd
+            else:
+                targets = soft_targets[idx] if soft_targets is not None else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                logits = model(x)
+            loss = loss_fn(logits.float(), labels[idx], targets)
             value = loss.item()
             if value != value or value in (float("inf"), float("-inf")):
                 raise KdpipeError(
@@ -121,10 +164,18 @@ def fit(
         history.append(stats)
         if val_acc > best_acc:
             best_state, best_epoch, best_acc = copy.deepcopy(model.state_dict()), epoch, val_acc
+        if checkpoint is not None:
+            checkpoint.save(
+                TrainState(
+                    epoch=epoch, model=model.state_dict(), best_model=best_state, best_epoch=best_epoch, best_accuracy=best_acc,
+                    optimizer=optimizer.state_dict()["state"], shuffle_rng=shuffle.get_state(), torch_rng=torch.get_rng_state(),
+                    history=[h.as_dict() for h in history],
+                )
+            )
         if on_epoch is not None:
             on_epoch(stats)
 
     assert best_state is not None
     model.load_state_dict(best_state)
-    model.eval()
+    model.to("cpu").eval()
     return FitResult(history=history, best_epoch=best_epoch)

@@ -6,6 +6,7 @@ commands by hand from there too).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import typer
 
 from kdpipe.artifacts import sha256_file, write_json
+from kdpipe.checkpoint import Checkpoint, fingerprint
 from kdpipe.data import SplitData
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import LossFn
@@ -31,6 +33,8 @@ METRICS_DIR = Path("metrics")
 HISTORY_DIR = METRICS_DIR / "history"
 CONFUSION_DIR = METRICS_DIR / "confusion"
 REPORT_FILE = METRICS_DIR / "report.md"
+CHECKPOINT_DIR = Path(".kdpipe/checkpoints")  # outside DVC's outputs: DVC deletes outputs before a stage reruns
+CODE_FILES = sorted([*Path(__file__).parent.glob("*.py"), *(Path(__file__).parents[1] / "kdpipe").glob("*.py")])
 VARIANTS = ("kd", "baseline")  # the distill stage's foreach keys in dvc.yaml
 
 
@@ -65,7 +69,11 @@ def stage_command(fn: Callable[..., None]) -> Callable[..., None]:
                 )
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written. Run the stage again (or `dvc repro`) to start over.", err=True)
+            typer.echo(
+                "interrupted: no output was written. Training stages keep a checkpoint of the last finished epoch in "
+                f"{CHECKPOINT_DIR}/; run the stage again (or `dvc repro`) to resume from it.",
+                err=True,
+            )
             raise typer.Exit(130) from None
 
     return wrapper
@@ -158,8 +166,17 @@ def history_rows(result: FitResult) -> list[dict[str, Any]]:
     ]
 
 
-def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any) -> FitResult:
-    """``fit`` with a progress display and per-epoch MLflow metrics; ``hp`` is a params section."""
+def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any, inputs: dict[str, str]) -> FitResult:
+    """``fit`` with a progress display, per-epoch MLflow metrics and a per-epoch checkpoint.
+
+    ``hp`` is the params section; ``inputs`` names the SHA-256 of every input
+    file. The checkpoint resumes only under the same params, inputs and code,
+    and is removed once training finishes.
+    """
+    checkpoint = Checkpoint(
+        CHECKPOINT_DIR / f"{label.replace('@', '_')}.safetensors",
+        fingerprint(label, dataclasses.asdict(hp), inputs, files=CODE_FILES),
+    )
     with TrainingProgress(label, hp.epochs) as progress:
 
         def on_epoch(stats: EpochStats) -> None:
@@ -169,11 +186,13 @@ def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: 
                 step=stats.epoch,
             )
 
-        return fit(
+        result = fit(
             model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
             loss_fn=loss_fn, soft_targets=soft_targets, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
-            weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch,
+            weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch, checkpoint=checkpoint,
         )
+    checkpoint.remove()
+    return result
 
 
 def save_trained(name: str, run: StageRun, model, spec: dict, weights_file: Path, result: FitResult, extra_meta: dict) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def main(
         soft_targets = cache["train_logits"]
         loss_fn = make_loss(p.method, temperature=p.temperature, alpha=p.alpha)
         extra["teacher_sha256"] = cache_meta["teacher_sha256"]
+        extra["logits_sha256"] = sha256_file(LOGITS_FILE)
     else:
         loss_fn = cross_entropy
     spec = make_spec(p.student, num_classes=m["num_classes"], image_shape=m["image_shape"], mean=m["mean"], std=m["std"], dropout=p.dropout)
@@ -61,7 +62,8 @@ def main(
         run.set_tags({"kdpipe.variant": variant})
         seed_everything(p.seed)
         model = build_model(spec)
-        result = train_logged(f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p)
+        inputs = {k: v for k, v in extra.items() if k.endswith("sha256")}
+        result = train_logged(f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p, inputs=inputs)
         metrics = save_trained(f"distill_{variant}", run, model, spec, weights, result, extra)
     summary(
         f"distill@{variant}", [weights, METRICS_DIR / f"distill_{variant}.json"],

@@ -30,8 +30,9 @@ def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: boo
         run.log_params(flatten("teacher", p))
         seed_everything(p.seed)
         model = build_model(spec)
-        result = train_logged("teacher", run, model, data, loss_fn=cross_entropy, hp=p)
-        metrics = save_trained("teacher", run, model, spec, TEACHER_FILE, result, {"data_sha256": sha256_file(DATA_FILE)})
+        data_sha = sha256_file(DATA_FILE)
+        result = train_logged("teacher", run, model, data, loss_fn=cross_entropy, hp=p, inputs={"data": data_sha})
+        metrics = save_trained("teacher", run, model, spec, TEACHER_FILE, result, {"data_sha256": data_sha})
     summary(
         "train_teacher", [TEACHER_FILE, METRICS_DIR / "teacher.json"],
         f"val acc {metrics['val_accuracy']:.4f} (best epoch {metrics['best_epoch']}/{p.epochs}), {metrics['epoch_seconds_mean']:.1f}s/epoch",

@@ -57,3 +57,31 @@ def test_soft_targets_are_indexed_with_the_batch():
 def test_non_finite_loss_names_epoch_and_step():
     with pytest.raises(KdpipeError, match=r"loss is nan at epoch 1, step 1 of 10.*learning rate"):
         run(loss_fn=lambda s, y, t: s.sum() * float("nan"))
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path):
+    from kdpipe.checkpoint import Checkpoint
+
+    x, y, vx, vy = tiny()
+
+    def train(checkpoint=None, stop_at=None):
+        seed_everything(0)
+        model = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.3))
+
+        def on_batch(epoch, step, steps, loss):
+            if (epoch, step) == stop_at:
+                raise KeyboardInterrupt
+
+        fit(model, x, y, val_images=vx, val_labels=vy, loss_fn=cross_entropy, epochs=3, batch_size=32, lr=1e-3,
+            weight_decay=0.01, seed=0, checkpoint=checkpoint, on_batch=on_batch)
+        save_tensors(tmp_path / "w.st", model.state_dict(), {})
+        return sha256_file(tmp_path / "w.st")
+
+    uninterrupted = train()
+    ckpt = Checkpoint(tmp_path / "ckpt.safetensors", "fp-1")
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt, stop_at=(2, 5))
+    assert ckpt.load().epoch == 1
+    assert train(ckpt) == uninterrupted
+    # A checkpoint from other params/code is never resumed from.
+    assert Checkpoint(tmp_path / "ckpt.safetensors", "fp-2").load() is None
