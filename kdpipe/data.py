@@ -264,10 +264,14 @@ def read_dataset_files(spec: DatasetSpec, source: str) -> tuple[dict[str, torch.
     files = spec.files
     dirs = candidate_dirs(spec.name, source)
     if spec.name == "local":
-        if not source:
-            raise KdpipeError("data.name is `local` but data.source is empty. Set data.source to the directory holding your IDX files and SHA256SUMS.")
-        dirs = [(Path(source), True)]
-        files = read_local_checksums(Path(source))
+        local = source or os.environ.get("KDPIPE_DATA_SOURCE", "")
+        if not local:
+            raise KdpipeError(
+                "data.name is `local` but no directory is given. Set data.source (or KDPIPE_DATA_SOURCE) to the "
+                "directory holding your IDX files and SHA256SUMS."
+            )
+        dirs = [(Path(local), True)]
+        files = read_local_checksums(Path(local))
 
     for directory, explicit in dirs:
         if not directory.is_dir():

@@ -18,24 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import KdpipeError
+from kdpipe.paths import repo_root
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "kdpipe"
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """``$DVC_ROOT``, else the nearest directory upward holding ``.dvc``, else the start directory."""
-    env = os.environ.get("DVC_ROOT")
-    if env:
-        return Path(env).resolve()
-    here = (start or Path.cwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / ".dvc").is_dir():
-            return candidate
-    return here
 
 
 def tracking_uri(root: Path) -> str:
@@ -83,6 +72,7 @@ class StageRun:
         self._mlflow: Any = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self._failed = False
 
     def __enter__(self) -> "StageRun":
         if not self.enabled:
@@ -124,16 +114,19 @@ class StageRun:
         if self._mlflow is not None:
             # Peak memory of the stage process so far (Linux reports KiB), for capacity planning.
             self.log_metrics({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-            self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+            # Skipped after a logging failure: the run then stays RUNNING in the store rather than hang here.
+            self._safely("end the run", self._mlflow.end_run, status="FAILED" if exc_type else "FINISHED")
 
     def _safely(self, what: str, fn, *args, **kwargs) -> None:
         """Logging after training must never lose the weights already written: warn, go on."""
-        if self._mlflow is None:
+        if self._mlflow is None or self._failed:
             return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            log.warning("MLflow: could not %s (%s); the stage's files are written regardless.", what, exc)
+            # Stop logging for the rest of the run: each call to a dead server would retry for minutes.
+            self._failed = True
+            log.warning("MLflow: could not %s (%s); logging stops for this run, the stage's files are written regardless.", what, exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._safely("log params", self._mlflow and self._mlflow.log_params, params)

@@ -19,7 +19,7 @@ from tests.conftest import REPO, write_idx_dir
 
 pytestmark = pytest.mark.e2e
 
-ALL_STAGES = {"download", "train_teacher", "cache_logits", "distill@kd", "distill@baseline", "evaluate"}
+ALL_STAGES = {"check_params", "download", "train_teacher", "cache_logits", "distill@kd", "distill@baseline", "evaluate"}
 COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "kdpipe"]
 
 
@@ -63,7 +63,7 @@ def project(tmp_path_factory) -> Project:
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, root / name)
-    idx = tmp_path_factory.mktemp("idx")
+    idx = root / "sources" / "idx"  # inside the repo: paths in params.yaml are confined to it
     write_idx_dir(idx, n_train=360, n_test=120)
     p = Project(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -134,19 +134,30 @@ def test_temperature_reruns_only_kd_student_and_evaluate(project: Project):
     project.set_param("distill", "temperature", 2.0)
     diff = project.run("dvc", "params", "diff").stdout
     assert "distill.temperature" in diff
-    assert project.repro() == {"distill@kd", "evaluate"}
+    assert project.repro() == {"check_params", "distill@kd", "evaluate"}
     assert "kd.accuracy" in project.run("dvc", "metrics", "diff", "--all").stdout
 
 
 def test_evaluate_param_reruns_only_evaluate(project: Project):
     project.set_param("evaluate", "ece_bins", 10)
-    assert project.repro() == {"evaluate"}
+    assert project.repro() == {"check_params", "evaluate"}
 
 
 def test_teacher_param_reruns_teacher_cache_kd_student_and_evaluate(project: Project):
     project.set_param("teacher", "lr", 0.002)
-    assert project.repro() == {"train_teacher", "cache_logits", "distill@kd", "evaluate"}
+    assert project.repro() == {"check_params", "train_teacher", "cache_logits", "distill@kd", "evaluate"}
     assert project.repro() == set()
+
+
+def test_misspelt_param_key_fails_the_pipeline_with_its_name(project: Project):
+    """`dvc exp run -S distill.temprature=8` adds a key no stage reads; check_params sees it."""
+    original = (project.root / "params.yaml").read_text()
+    project.set_param("distill", "temprature", 8)
+    result = project.run("dvc", "repro", check=False)
+    assert result.returncode != 0
+    assert "unknown key(s) `distill.temprature`" in result.stdout + result.stderr
+    (project.root / "params.yaml").write_text(original)
+    assert project.repro() == set()  # the failed run recorded nothing: the lock still matches
 
 
 def test_rerun_produces_byte_identical_weights(project: Project):

@@ -20,11 +20,12 @@ TEACHER = Path("artifacts/teacher/model.safetensors")
 
 def prepare(root: Path, idx: Path) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(name="local", source=str(idx), val_size=200)
+    params["data"].update(name="local", source="", val_size=200)
     params["teacher"].update(epochs=3, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "KDPIPE_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(REPO)
+    env["KDPIPE_DATA_SOURCE"] = str(idx)  # outside the run directory: given explicitly, not through params
     subprocess.run([sys.executable, "-m", "stages.download", "--no-track"], cwd=root, env=env, check=True, capture_output=True)
     return env
 

@@ -71,3 +71,42 @@ def test_every_stage_has_help():
     for module in ("download", "train_teacher", "cache_logits", "distill", "evaluate"):
         result = run_stage(REPO, f"stages.{module}", "--help")
         assert result.returncode == 0 and "--params" in result.stdout, module
+
+
+def test_data_source_outside_the_repository_needs_the_command_line(tmp_path):
+    run_dir, idx = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    write_idx_dir(idx)
+    write_params(run_dir, name="local", source=str(idx), val_size=50)
+    refused = run_stage(run_dir, "stages.download")
+    assert refused.returncode == 1 and "points outside the repository" in refused.stderr and "--data-source" in refused.stderr
+    assert not (run_dir / "data").exists()
+    accepted = run_stage(run_dir, "stages.download", "--data-source", str(idx))
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_unwritable_output_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """Disk full (ENOSPC) or a read-only directory (EROFS) while writing: old file intact, no temp left."""
+    import errno
+
+    import torch
+
+    from kdpipe import artifacts
+    from kdpipe.errors import KdpipeError
+
+    target = tmp_path / "model.safetensors"
+    artifacts.save_tensors(target, {"w": torch.ones(3)}, {"v": 1})
+    before = sha256_file(target)
+    for code in (errno.ENOSPC, errno.EROFS):
+        def failing_fsync(fd, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(artifacts.os, "fsync", failing_fsync)
+        try:
+            artifacts.save_tensors(target, {"w": torch.zeros(3)}, {"v": 2})
+        except KdpipeError as exc:
+            assert os.strerror(code) in str(exc) and "previous version of the file, if any, is untouched" in str(exc)
+        else:
+            raise AssertionError("no error")
+        assert sha256_file(target) == before
+        assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
