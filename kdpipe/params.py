@@ -35,12 +35,14 @@ class TeacherParams:
     lr: float = 0.001  # Adam learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     seed: int = 0  # seeds initialisation, shuffling and dropout
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
 
 
 @dataclass(frozen=True)
 class CacheParams:
     batch_size: int = 2048  # images per teacher forward pass while caching
     min_val_accuracy: float = 0.5  # refuse to cache logits of a teacher below this validation accuracy
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class DistillParams:
     lr: float = 0.001  # Adam learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     seed: int = 0  # seeds initialisation, shuffling and dropout (same for kd and baseline)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     method: str = "kd"  # distillation loss (see kdpipe.losses.LOSSES)
     temperature: float = 4.0  # softening temperature T of teacher and student logits
     alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs cross-entropy
@@ -155,6 +158,11 @@ def validate(p: Params) -> None:
     _require(p.distill.method in LOSSES, "distill.method", f"is {p.distill.method!r}; valid methods: {', '.join(sorted(LOSSES))}")
     _require(p.distill.temperature > 0, "distill.temperature", f"must be positive, got {p.distill.temperature}")
     _require(0 <= p.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {p.distill.alpha}")
+    from kdpipe.device import DEVICES
+
+    for section in ("teacher", "cache", "distill"):
+        device = getattr(p, section).device
+        _require(device in DEVICES, f"{section}.device", f"is {device!r}; valid values: {', '.join(DEVICES)}")
     _require(p.cache.batch_size >= 1, "cache.batch_size", f"must be at least 1, got {p.cache.batch_size}")
     _require(0 <= p.cache.min_val_accuracy <= 1, "cache.min_val_accuracy", f"must be in [0, 1], got {p.cache.min_val_accuracy}")
     _require(p.evaluate.batch_size >= 1, "evaluate.batch_size", f"must be at least 1, got {p.evaluate.batch_size}")

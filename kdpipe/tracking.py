@@ -8,6 +8,8 @@ the parent repository, not the temp copy), with artifacts beside it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import resource
@@ -15,7 +17,7 @@ import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kdpipe.errors import KdpipeError
 from kdpipe.paths import repo_root
@@ -60,6 +62,27 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Serialise creating an embedded SQLite store and its experiment across processes.
+
+    Two stages starting at once against a fresh store (`dvc exp run --jobs 2`)
+    would both run MLflow's schema migrations, and one fails with "table
+    already exists". Later writes are short and SQLite's busy timeout covers them.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class StageRun:
     """One MLflow run for one stage execution; a no-op when tracking is disabled.
 
@@ -84,31 +107,37 @@ class StageRun:
         mlflow.set_tracking_uri(uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
         try:
-            experiment = mlflow.get_experiment_by_name(name)
-            if experiment is None:
-                artifact_location = None
-                if uri.startswith("sqlite:"):
-                    artifact_location = (self.root / ARTIFACT_DIR).as_uri()
-                try:
-                    experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
-                except mlflow.exceptions.MlflowException:
-                    # Another stage created it at the same moment.
-                    experiment_id = mlflow.get_experiment_by_name(name).experiment_id
-            else:
-                experiment_id = experiment.experiment_id
-            tags = {
-                "dvc.stage": os.environ.get("DVC_STAGE", self.stage),
-                "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                "kdpipe.stage": self.stage,
-                **git_state(self.root),
-            }
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags)
+            with sqlite_store_lock(uri):
+                run = self._start(mlflow, uri, name)
         except Exception as exc:  # MLflow raises many types; the user needs the URI and a way out.
             raise KdpipeError(
                 f"MLflow tracking at {uri} failed before training ({exc}). Fix MLFLOW_TRACKING_URI or pass --no-track."
             ) from None
-        self._mlflow, self.run_id, self.experiment_id = mlflow, run.info.run_id, experiment_id
+        self._mlflow, self.run_id = mlflow, run.info.run_id
         return self
+
+    def _start(self, mlflow: Any, uri: str, name: str) -> Any:
+        """Create the store, the experiment and the run (under the store lock for SQLite)."""
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            artifact_location = None
+            if uri.startswith("sqlite:"):
+                artifact_location = (self.root / ARTIFACT_DIR).as_uri()
+            try:
+                experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+            except mlflow.exceptions.MlflowException:
+                # Another process created it at the same moment (a tracking server has no file lock).
+                experiment_id = mlflow.get_experiment_by_name(name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {
+            "dvc.stage": os.environ.get("DVC_STAGE", self.stage),
+            "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "kdpipe.stage": self.stage,
+            **git_state(self.root),
+        }
+        self.experiment_id = experiment_id
+        return mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=tags)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._mlflow is not None:

@@ -15,11 +15,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import typer
 
 from kdpipe.artifacts import sha256_file, write_json
 from kdpipe.checkpoint import Checkpoint, fingerprint
 from kdpipe.data import SplitData
+from kdpipe.device import resolve_device
 from kdpipe.errors import KdpipeError
 from kdpipe.losses import LossFn
 from kdpipe.models import param_count, save_model
@@ -75,6 +77,9 @@ def stage_command(fn: Callable[..., None]) -> Callable[..., None]:
                 err=True,
             )
             raise typer.Exit(130) from None
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     return wrapper
 
@@ -87,10 +92,10 @@ def summary(stage: str, wrote: list[Path | str], headline: str) -> None:
 class TrainingProgress:
     """A rich progress bar on a terminal; one plain line per epoch otherwise (logs, CI)."""
 
-    def __init__(self, label: str, epochs: int, *, stream=None) -> None:
-        self.label, self.epochs = label, epochs
+    def __init__(self, label: str, epochs: int, *, stream=None, quiet: bool = False) -> None:
+        self.label, self.epochs, self.quiet = label, epochs, quiet
         self.stream = stream or sys.stderr
-        self.interactive = self.stream.isatty()
+        self.interactive = self.stream.isatty() and not quiet
         self._progress: Any = None
         self._task: Any = None
         self._val = "-"
@@ -136,7 +141,7 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.update(self._task, val=self._val)
             self._progress.console.print(line)
-        else:
+        elif not self.quiet:
             print(line, file=self.stream, flush=True)
 
 
@@ -166,7 +171,25 @@ def history_rows(result: FitResult) -> list[dict[str, Any]]:
     ]
 
 
-def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any, inputs: dict[str, str]) -> FitResult:
+def init_distributed(device_param: str) -> tuple[int, torch.device]:
+    """Join the torchrun job this process was launched in, if any; (rank, device) to train on.
+
+    gloo on CPU, nccl on CUDA (one GPU per local rank). Without torchrun: (0, the resolved device).
+    """
+    device = resolve_device(device_param)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, device
+
+
+def train_logged(
+    label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any,
+    inputs: dict[str, str], device: torch.device, is_main: bool = True,
+) -> FitResult:
     """``fit`` with a progress display, per-epoch MLflow metrics and a per-epoch checkpoint.
 
     ``hp`` is the params section; ``inputs`` names the SHA-256 of every input
@@ -177,7 +200,7 @@ def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: 
         CHECKPOINT_DIR / f"{label.replace('@', '_')}.safetensors",
         fingerprint(label, dataclasses.asdict(hp), inputs, files=CODE_FILES),
     )
-    with TrainingProgress(label, hp.epochs) as progress:
+    with TrainingProgress(label, hp.epochs, quiet=not is_main) as progress:
 
         def on_epoch(stats: EpochStats) -> None:
             progress.on_epoch(stats)
@@ -190,8 +213,10 @@ def train_logged(label: str, run: StageRun, model, data: SplitData, *, loss_fn: 
             model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
             loss_fn=loss_fn, soft_targets=soft_targets, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
             weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch, checkpoint=checkpoint,
+            device=device,
         )
-    checkpoint.remove()
+    if is_main:
+        checkpoint.remove()
     return result
 
 

@@ -14,6 +14,7 @@ import typer
 
 from kdpipe.artifacts import save_tensors, sha256_file
 from kdpipe.data import load_split
+from kdpipe.device import resolve_device
 from kdpipe.errors import KdpipeError
 from kdpipe.logits import compute_cache
 from kdpipe.metrics import accuracy
@@ -32,7 +33,9 @@ def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: boo
     with StageRun("cache_logits", "cache_logits", enabled=not no_track) as run:
         run.log_params(flatten("cache", p))
         started = time.perf_counter()
-        cache = compute_cache(teacher, {"train": data.train_images, "val": data.val_images}, p.batch_size)
+        device = resolve_device(p.device)
+        cache = compute_cache(teacher.to(device), {"train": data.train_images.to(device), "val": data.val_images.to(device)}, p.batch_size)
+        cache = {k: v.cpu() for k, v in cache.items()}
         seconds = time.perf_counter() - started
         val_acc = accuracy(cache["val_logits"], data.val_labels)
         if val_acc < p.min_val_accuracy:

@@ -24,7 +24,7 @@ from kdpipe.tracking import StageRun
 from kdpipe.train import seed_everything
 from stages._common import (
     DATA_FILE, LOGITS_FILE, METRICS_DIR, TEACHER_FILE, VARIANTS, DebugOption, NoTrackOption, ParamsOption,
-    save_trained, stage_command, student_file, summary, train_logged,
+    init_distributed, save_trained, stage_command, student_file, summary, train_logged,
 )
 
 
@@ -56,14 +56,20 @@ def main(
         loss_fn = cross_entropy
     spec = make_spec(p.student, num_classes=m["num_classes"], image_shape=m["image_shape"], mean=m["mean"], std=m["std"], dropout=p.dropout)
     weights = student_file(variant)
-    with StageRun("distill", f"distill@{variant}", enabled=not no_track) as run:
+    rank, device = init_distributed(p.device)  # under torchrun: one process per rank, only rank 0 writes and logs
+    with StageRun("distill", f"distill@{variant}", enabled=not no_track and rank == 0) as run:
         # Log exactly the keys this variant depends on (dvc.yaml declares the same).
         run.log_params({key: getattr(p, key.split(".", 1)[1]) for key in distill_keys(variant)})
         run.set_tags({"kdpipe.variant": variant})
         seed_everything(p.seed)
         model = build_model(spec)
         inputs = {k: v for k, v in extra.items() if k.endswith("sha256")}
-        result = train_logged(f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p, inputs=inputs)
+        result = train_logged(
+            f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p, inputs=inputs,
+            device=device, is_main=rank == 0,
+        )
+        if rank != 0:
+            return
         metrics = save_trained(f"distill_{variant}", run, model, spec, weights, result, extra)
     summary(
         f"distill@{variant}", [weights, METRICS_DIR / f"distill_{variant}.json"],

@@ -14,8 +14,8 @@ from kdpipe.params import flatten, load_params
 from kdpipe.tracking import StageRun
 from kdpipe.train import seed_everything
 from stages._common import (
-    DATA_FILE, METRICS_DIR, TEACHER_FILE, DebugOption, NoTrackOption, ParamsOption, save_trained, stage_command,
-    summary, train_logged,
+    DATA_FILE, METRICS_DIR, TEACHER_FILE, DebugOption, NoTrackOption, ParamsOption, init_distributed, save_trained,
+    stage_command, summary, train_logged,
 )
 
 
@@ -26,12 +26,17 @@ def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: boo
     data = load_split(DATA_FILE)
     m = data.meta
     spec = make_spec(p.model, num_classes=m["num_classes"], image_shape=m["image_shape"], mean=m["mean"], std=m["std"], dropout=p.dropout)
-    with StageRun("train_teacher", "teacher", enabled=not no_track) as run:
+    rank, device = init_distributed(p.device)  # under torchrun: one process per rank, only rank 0 writes and logs
+    with StageRun("train_teacher", "teacher", enabled=not no_track and rank == 0) as run:
         run.log_params(flatten("teacher", p))
         seed_everything(p.seed)
         model = build_model(spec)
         data_sha = sha256_file(DATA_FILE)
-        result = train_logged("teacher", run, model, data, loss_fn=cross_entropy, hp=p, inputs={"data": data_sha})
+        result = train_logged(
+            "teacher", run, model, data, loss_fn=cross_entropy, hp=p, inputs={"data": data_sha}, device=device, is_main=rank == 0
+        )
+        if rank != 0:
+            return
         metrics = save_trained("teacher", run, model, spec, TEACHER_FILE, result, {"data_sha256": data_sha})
     summary(
         "train_teacher", [TEACHER_FILE, METRICS_DIR / "teacher.json"],
