@@ -39,10 +39,10 @@ from kdpipe.data import DATASETS, IDX_NAMES, build_split, read_dataset_files
 from kdpipe.logits import compute_cache
 from kdpipe.losses import cross_entropy, make_loss
 from kdpipe.models import build_model, make_spec
+from kdpipe.scaffold import copy_pipeline
 from kdpipe.train import fit, seed_everything
 
 BATCH = 128
-REPO_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "kdpipe"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
@@ -158,12 +158,7 @@ def pipeline_runs(repo: Path, data_dir: Path) -> dict[str, Any]:
     """Full default `dvc repro` and a no-op one in a throwaway copy; peak RSS per stage from MLflow."""
     work = Path(tempfile.mkdtemp(prefix="kdpipe-bench-"))
     try:
-        for name in REPO_FILES:
-            src = repo / name
-            if src.is_dir():
-                shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, work / name)
+        copy_pipeline(repo, work)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["KDPIPE_DATA_SOURCE"] = str(data_dir)

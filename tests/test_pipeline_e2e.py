@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,12 @@ import yaml
 
 from kdpipe.artifacts import load_tensors, sha256_file
 from kdpipe.models import load_model
+from kdpipe.scaffold import copy_pipeline
 from tests.conftest import REPO, write_idx_dir
 
 pytestmark = pytest.mark.e2e
 
 ALL_STAGES = {"check_params", "download", "train_teacher", "cache_logits", "distill@kd", "distill@baseline", "evaluate"}
-COPY = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "kdpipe"]
 
 
 def sh(cwd: Path, *args: str, env=None, check=True) -> subprocess.CompletedProcess:
@@ -57,12 +56,7 @@ class Project:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
     root = tmp_path_factory.mktemp("repo")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, root / name)
+    copy_pipeline(REPO, root)
     idx = root / "sources" / "idx"  # inside the repo: paths in params.yaml are confined to it
     write_idx_dir(idx, n_train=360, n_test=120)
     p = Project(root)

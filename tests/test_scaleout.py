@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import yaml
 
+from kdpipe.scaffold import copy_pipeline
 from tests.conftest import REPO, write_idx_dir
 
 pytestmark = pytest.mark.e2e
 
 ALL_STAGES = {"check_params", "download", "train_teacher", "cache_logits", "distill@kd", "distill@baseline", "evaluate"}
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "kdpipe"]
 # Outputs DVC caches (and so pushes and pulls); metrics/* are `cache: false` and live in git.
 CACHED_OUTPUTS = [
     "data/dataset.safetensors",
@@ -274,12 +274,7 @@ class Project:
             GIT_AUTHOR_NAME="test", GIT_COMMITTER_NAME="test",
             GIT_AUTHOR_EMAIL="test@example.com", GIT_COMMITTER_EMAIL="test@example.com",
         )
-        for name in PROJECT_FILES:
-            src = REPO / name
-            if src.is_dir():
-                shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(src, root / name)
+        copy_pipeline(REPO, root)
         (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(idx), sort_keys=False))
         self.run("git", "init", "-q")
         self.run("dvc", "init", "-q")
