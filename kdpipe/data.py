@@ -315,7 +315,7 @@ def check_arrays(arrays: dict[str, torch.Tensor], where: str) -> None:
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise KdpipeError(
                 f"{where}: inconsistent {split} files: images {list(images.shape)} and labels {list(labels.shape)}; "
-                f"expected images [N, H, W] and labels [N] with the same N."
+                f"expected images [N, H, W] and labels [N] with the same N. Use image and label files of the same dataset."
             )
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise KdpipeError(f"{where}: train and test images differ in size.")
@@ -330,9 +330,12 @@ def split_train_val(arrays: dict[str, torch.Tensor], val_size: int, seed: int) -
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def build_split(name: str, arrays: dict[str, torch.Tensor], hashes: dict[str, str], val_size: int, seed: int, classes: tuple[str, ...]) -> tuple[SplitData, dict[str, torch.Tensor]]:
-    """In-memory split and the extra index tensors to store beside it."""
-    check_arrays(arrays, name)
+def build_split(
+    name: str, arrays: dict[str, torch.Tensor], hashes: dict[str, str], val_size: int, seed: int, classes: tuple[str, ...],
+    origin: str = "",
+) -> tuple[SplitData, dict[str, torch.Tensor]]:
+    """In-memory split and the extra index tensors to store beside it; ``origin`` (where the files came from) is for errors."""
+    check_arrays(arrays, f"{name} ({origin})" if origin else name)
     train_idx, val_idx = split_train_val(arrays, val_size, seed)
     train_labels = arrays["train_labels"].long()
     num_classes = int(max(train_labels.max(), arrays["test_labels"].long().max())) + 1

@@ -181,7 +181,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         )
     missing = [s for s in SECTIONS if s not in raw]
     if missing:
-        raise KdpipeError(f"{source}: missing section(s) {', '.join(map(repr, missing))}. Copy them from the README's params.yaml.")
+        raise KdpipeError(f"{source}: missing section(s) {', '.join(map(repr, missing))}. Add them; the repository's params.yaml lists every section and key with a comment.")
     params = Params(**{name: _section(name, cls, raw[name]) for name, cls in SECTIONS.items()})
     validate(params)
     return params
@@ -197,7 +197,10 @@ def load_params(path: str | Path) -> Params:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise KdpipeError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise KdpipeError(f"{path}: not valid YAML{where}: {problem}. Fix the syntax there.") from None
     return parse_params(raw, str(path))
 
 

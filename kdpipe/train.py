@@ -170,7 +170,8 @@ def fit(
             if value != value or value in (float("inf"), float("-inf")):
                 raise KdpipeError(
                     f"training diverged: the loss is {value} at epoch {epoch}, step {step + 1} of {steps}. "
-                    f"Lower the learning rate (lr={lr}) or the temperature, and check the inputs. Nothing was written."
+                    f"Lower the learning rate (lr={lr}) and check the inputs; when distilling, an extreme "
+                    f"temperature does this too. Nothing was written."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -65,8 +65,9 @@ def stage_command(fn: Callable[..., None]) -> Callable[..., None]:
             typer.echo(f"error: {exc}", err=True)
             if os.environ.get("DVC_STAGE"):
                 typer.echo(
-                    "note: DVC removed this stage's previous outputs before running it; they are still in DVC's cache: "
-                    "`dvc checkout` restores them.",
+                    "note: DVC removed this stage's previous weights/data outputs before running it; they are still in "
+                    "DVC's cache: after fixing or reverting the cause, `dvc checkout` restores them (its metrics files "
+                    "are kept).",
                     err=True,
                 )
             raise typer.Exit(1) from None

@@ -41,7 +41,7 @@ def main(
     with StageRun("download", "download", enabled=not no_track) as run:
         run.log_params(flatten("data", p))
         arrays, hashes, origin = read_dataset_files(spec, source)
-        data, index = build_split(p.name, arrays, hashes, p.val_size, p.split_seed, spec.classes)
+        data, index = build_split(p.name, arrays, hashes, p.val_size, p.split_seed, spec.classes, origin)
         save_tensors(DATA_FILE, {**data.tensors(), **index}, data.meta)
         sizes = {f"{s}_size": int(getattr(data, f"{s}_labels").shape[0]) for s in ("train", "val", "test")}
         run.log_metrics(sizes)
