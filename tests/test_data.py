@@ -148,3 +148,12 @@ def test_debian_fashion_mnist_labels_verify():
     path = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
     idx = decode_verified(path.read_bytes(), path.name, spec.files["test_labels"], str(path))
     assert parse_idx(idx).shape == (10000,)
+
+
+def test_pixel_mean_std_matches_float64():
+    from kdpipe.data import pixel_mean_std
+
+    x = torch.randint(0, 256, (1000, 7, 7), dtype=torch.uint8)
+    mean, std = pixel_mean_std(x, chunk=64)
+    ref = x.double() / 255
+    assert mean == pytest.approx(ref.mean().item(), abs=1e-12) and std == pytest.approx(ref.std().item(), abs=1e-9)
