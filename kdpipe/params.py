@@ -58,6 +58,7 @@ class DistillParams:
     method: str = "kd"  # distillation loss (see kdpipe.losses.LOSSES)
     temperature: float = 4.0  # softening temperature T of teacher and student logits
     alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs cross-entropy
+    beta: float = 8.0  # dkd only: weight of the non-target-class term (NCKD) relative to the target term
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ SECTIONS: dict[str, type] = {
 
 # Keys of `distill` that only the distilled variant reads; the baseline (alpha=0,
 # no teacher) must not depend on them, or a temperature change would retrain it.
-KD_ONLY_KEYS = ("method", "temperature", "alpha")
+KD_ONLY_KEYS = ("method", "temperature", "alpha", "beta")
 
 
 def distill_keys(variant: str) -> list[str]:
@@ -158,6 +159,7 @@ def validate(p: Params) -> None:
     _require(p.distill.method in LOSSES, "distill.method", f"is {p.distill.method!r}; valid methods: {', '.join(sorted(LOSSES))}")
     _require(p.distill.temperature > 0, "distill.temperature", f"must be positive, got {p.distill.temperature}")
     _require(0 <= p.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {p.distill.alpha}")
+    _require(p.distill.beta >= 0, "distill.beta", f"must be >= 0, got {p.distill.beta}")
     from kdpipe.device import DEVICES
 
     for section in ("teacher", "cache", "distill"):

@@ -49,7 +49,7 @@ def main(
             rows={"train": data.train_labels.shape[0], "val": data.val_labels.shape[0]},
         )
         soft_targets = cache["train_logits"]
-        loss_fn = make_loss(p.method, temperature=p.temperature, alpha=p.alpha)
+        loss_fn = make_loss(p.method, temperature=p.temperature, alpha=p.alpha, beta=p.beta)
         extra["teacher_sha256"] = cache_meta["teacher_sha256"]
         extra["logits_sha256"] = sha256_file(LOGITS_FILE)
     else:

@@ -200,7 +200,7 @@ N_TRAIN_ROWS = N_TRAIN - VAL_SIZE
         pytest.param(DOWNLOAD, set_param("data.val_size", N_TRAIN), f"`data.val_size` is {N_TRAIN} but the training set has only {N_TRAIN} images", id="val-size-too-big"),
         pytest.param(DOWNLOAD, set_param("data.name", "cifar10"), "is 'cifar10'; valid datasets: fashion-mnist, kmnist, local, mnist", id="unknown-dataset"),
         pytest.param(TEACH, set_param("teacher.model", "resnet18"), "is 'resnet18'; valid models: cnn-small, mlp-1200-1200, mlp-800", id="unknown-model"),
-        pytest.param(KD, set_param("distill.method", "fitnets"), "is 'fitnets'; valid methods: kd", id="unknown-method"),
+        pytest.param(KD, set_param("distill.method", "fitnets"), "is 'fitnets'; valid methods: dkd, kd, kd_ls", id="unknown-method"),
         pytest.param(CACHE, drop_section("cache"), "params.yaml: missing section(s) 'cache'", id="missing-section"),
         pytest.param(("stages.evaluate",), malform_yaml, "params.yaml: not valid YAML", id="malformed-yaml"),
     ],

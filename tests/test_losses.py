@@ -79,4 +79,48 @@ def test_no_gradient_reaches_the_teacher():
 
 
 def test_registry_names():
-    assert "kd" in LOSSES
+    assert sorted(LOSSES) == ["dkd", "kd", "kd_ls"]
+
+
+def test_dkd_terms_by_hand_and_the_papers_identity():
+    """Zhao et al. 2022, eq. 4: KD = TCKD + (1 - p_t^target)·NCKD, per sample."""
+    from kdpipe.losses import decoupled_kd_terms
+
+    s = torch.tensor([[1.0, 0.5, -1.0]])
+    t = torch.tensor([[2.0, -0.5, 0.0]])
+    y = torch.tensor([0])
+    tckd, nckd = decoupled_kd_terms(s, t, y, 1.0)
+    ps, pt = F.softmax(s, 1)[0].tolist(), F.softmax(t, 1)[0].tolist()
+    b_s, b_t = [ps[0], 1 - ps[0]], [pt[0], 1 - pt[0]]
+    want_tckd = sum(bt * math.log(bt / bs) for bt, bs in zip(b_t, b_s))
+    qs, qt = [p / (1 - ps[0]) for p in ps[1:]], [p / (1 - pt[0]) for p in pt[1:]]
+    want_nckd = sum(a * math.log(a / b) for a, b in zip(qt, qs))
+    assert tckd.item() == pytest.approx(want_tckd, rel=1e-5)
+    assert nckd.item() == pytest.approx(want_nckd, rel=1e-5)
+    kd = soft_kl(s, t, 1.0).item()
+    assert kd == pytest.approx(want_tckd + (1 - pt[0]) * want_nckd, rel=1e-5)
+
+
+def test_dkd_combines_terms_with_alpha_beta_and_t_squared():
+    from kdpipe.losses import decoupled_kd, decoupled_kd_terms
+
+    torch.manual_seed(2)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    tckd, nckd = decoupled_kd_terms(s, t, y, 4.0)
+    got = decoupled_kd(s, y, t, temperature=4.0, alpha=0.5, beta=8.0)
+    assert got.item() == pytest.approx((0.5 * F.cross_entropy(s, y) + 0.5 * 16 * (tckd + 8 * nckd)).item(), rel=1e-5)
+    s.requires_grad_(True)
+    decoupled_kd(s, y, t, temperature=4.0, alpha=0.5, beta=8.0).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_kd_ls_is_invariant_to_logit_shift_and_scale():
+    from kdpipe.losses import kd_logit_standardization, standardize
+
+    torch.manual_seed(3)
+    s, t, y = torch.randn(5, 10), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    base = kd_logit_standardization(s, y, t, temperature=2.0, alpha=1.0)
+    assert kd_logit_standardization(s, y, 3 * t + 7, temperature=2.0, alpha=1.0).item() == pytest.approx(base.item(), rel=1e-5)
+    z = standardize(t)
+    assert z.mean(1).abs().max().item() < 1e-6 and (z.std(1) - 1).abs().max().item() < 1e-5
+    assert base.item() == pytest.approx(soft_kl(standardize(s), standardize(t), 2.0).item(), rel=1e-6)

@@ -45,7 +45,7 @@ def with_change(section, key, value):
         ("distill", "batch_size", 0, "`distill.batch_size` must be at least 1"),
         ("data", "name", "cifar", "valid datasets: fashion-mnist, kmnist, local, mnist"),
         ("teacher", "model", "resnet", "valid models: cnn-small, mlp-1200-1200, mlp-800"),
-        ("distill", "method", "magic", "valid methods: kd"),
+        ("distill", "method", "magic", "valid methods: dkd, kd, kd_ls"),
         ("distill", "seed", KeyError, "lacks key"),
     ],
 )
