@@ -34,6 +34,25 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, teacher_lo
     return F.cross_entropy(student_logits, labels)
 
 
+def blend(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    alpha: float,
+    soft_term: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``(1 - alpha)·CE + alpha·soft_term(teacher_logits)``, the shape every KD loss here shares.
+
+    With alpha = 0 it is plain cross-entropy and needs no teacher (the baseline).
+    """
+    ce = cross_entropy(student_logits, labels)
+    if alpha == 0:
+        return ce
+    if teacher_logits is None:
+        raise ValueError("a distillation loss with alpha > 0 needs teacher logits")
+    return (1.0 - alpha) * ce + alpha * soft_term(teacher_logits)
+
+
 def hinton_kd(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -43,12 +62,7 @@ def hinton_kd(
     alpha: float,
 ) -> torch.Tensor:
     """``(1 - alpha)·CE(s, y) + alpha·T²·KL(softmax(t/T) || softmax(s/T))``; alpha=0 is plain CE."""
-    ce = cross_entropy(student_logits, labels)
-    if alpha == 0:
-        return ce
-    if teacher_logits is None:
-        raise ValueError("hinton_kd with alpha > 0 needs teacher logits")
-    return (1.0 - alpha) * ce + alpha * soft_kl(student_logits, teacher_logits, temperature)
+    return blend(student_logits, labels, teacher_logits, alpha, lambda t: soft_kl(student_logits, t, temperature))
 
 
 def decoupled_kd_terms(
@@ -91,13 +105,12 @@ def decoupled_kd(
     The paper's ``CE + a·TCKD + b·NCKD`` with a = 1, b = 8 is alpha = 0.5, beta = 8
     here, up to a global factor of 2 that Adam's update is invariant to.
     """
-    ce = cross_entropy(student_logits, labels)
-    if alpha == 0:
-        return ce
-    if teacher_logits is None:
-        raise ValueError("decoupled_kd with alpha > 0 needs teacher logits")
-    tckd, nckd = decoupled_kd_terms(student_logits, teacher_logits, labels, temperature)
-    return (1.0 - alpha) * ce + alpha * temperature**2 * (tckd + beta * nckd)
+
+    def soft(teacher: torch.Tensor) -> torch.Tensor:
+        tckd, nckd = decoupled_kd_terms(student_logits, teacher, labels, temperature)
+        return temperature**2 * (tckd + beta * nckd)
+
+    return blend(student_logits, labels, teacher_logits, alpha, soft)
 
 
 def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -117,12 +130,9 @@ def kd_logit_standardization(
 ) -> torch.Tensor:
     """KD on z-scored logits (Sun et al., CVPR 2024): the student matches the teacher's
     logit *relations*, not their scale; cross-entropy stays on the raw student logits."""
-    ce = cross_entropy(student_logits, labels)
-    if alpha == 0:
-        return ce
-    if teacher_logits is None:
-        raise ValueError("kd_logit_standardization with alpha > 0 needs teacher logits")
-    return (1.0 - alpha) * ce + alpha * soft_kl(standardize(student_logits), standardize(teacher_logits), temperature)
+    return blend(
+        student_logits, labels, teacher_logits, alpha, lambda t: soft_kl(standardize(student_logits), standardize(t), temperature)
+    )
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
