@@ -63,9 +63,8 @@ def main(
         run.set_tags({"kdpipe.variant": variant})
         seed_everything(p.seed)
         model = build_model(spec)
-        inputs = {k: v for k, v in extra.items() if k.endswith("sha256")}
         result = train_logged(
-            f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p, inputs=inputs,
+            f"distill@{variant}", run, model, data, loss_fn=loss_fn, soft_targets=soft_targets, hp=p, inputs=extra,
             device=device, is_main=rank == 0,
         )
         if rank != 0:
