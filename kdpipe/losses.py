@@ -34,6 +34,18 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, teacher_lo
     return F.cross_entropy(student_logits, labels)
 
 
+def smoothed_cross_entropy(
+    student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None, *, label_smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy against labels mixed with the uniform distribution (Szegedy et al. 2016); for teachers."""
+    return F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+
+
+def supervised_loss(label_smoothing: float) -> LossFn:
+    """The teacher's loss: plain cross-entropy, or with label smoothing when asked."""
+    return partial(smoothed_cross_entropy, label_smoothing=label_smoothing) if label_smoothing > 0 else cross_entropy
+
+
 def blend(
     student_logits: torch.Tensor,
     labels: torch.Tensor,

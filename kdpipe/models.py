@@ -21,7 +21,9 @@ from kdpipe.errors import KdpipeError
 MODELS: dict[str, dict[str, Any]] = {
     "mlp-1200-1200": {"arch": "mlp", "hidden": [1200, 1200]},  # the seed's teacher (Hinton 2015's "big net" shape)
     "mlp-800": {"arch": "mlp", "hidden": [800]},  # the seed's student
-    "cnn-small": {"arch": "cnn", "channels": [32, 64], "hidden": 256},  # two 3x3 conv blocks with batch norm
+    "cnn-small": {"arch": "cnn", "blocks": [[32], [64]], "hidden": 256},  # two 3x3 conv blocks with batch norm
+    "cnn-vgg3": {"arch": "cnn", "blocks": [[32], [64, 64]], "hidden": 256},  # three convs, two pools
+    "cnn-vgg4": {"arch": "cnn", "blocks": [[32, 32], [64, 64]], "hidden": 256},  # four convs, two pools
 }
 
 
@@ -70,25 +72,37 @@ class MLP(nn.Module):
         return self.net(self.norm(x.reshape(x.shape[0], -1)))
 
 
-class SmallCNN(nn.Module):
-    def __init__(self, image_shape: list[int], channels: list[int], hidden: int, num_classes: int, dropout: float, norm: Normalize) -> None:
+class CNN(nn.Module):
+    """VGG-style: blocks of 3x3 conv + batch norm + ReLU, a 2x2 max-pool after each block, an MLP head.
+
+    ``blocks`` lists each block's conv widths, e.g. ``[[32], [64]]``. Weights and
+    activations use the channels-last layout (oneDNN's preferred one): a training
+    step of cnn-small measured 32 ms vs 52 ms in NCHW on this 2-core CPU. Saved
+    weights are made contiguous, so files do not depend on the layout.
+    """
+
+    def __init__(self, image_shape: list[int], blocks: list[list[int]], hidden: int, num_classes: int, dropout: float, norm: Normalize) -> None:
         super().__init__()
         self.norm = norm
-        blocks: list[nn.Module] = []
+        layers: list[nn.Module] = []
         c_in = 1
         h, w = image_shape
-        for c in channels:
-            blocks += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            c_in, h, w = c, h // 2, w // 2
-        self.features = nn.Sequential(*blocks)
+        for block in blocks:
+            for c in block:
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                c_in = c
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        self.features = nn.Sequential(*layers)
         head: list[nn.Module] = [nn.Flatten(), nn.Linear(c_in * h * w, hidden), nn.ReLU(inplace=True)]
         if dropout > 0:
             head.append(nn.Dropout(dropout))
         head.append(nn.Linear(hidden, num_classes))
         self.head = nn.Sequential(*head)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x.reshape(x.shape[0], 1, *x.shape[-2:]))
+        x = self.norm(x.reshape(x.shape[0], 1, *x.shape[-2:])).contiguous(memory_format=torch.channels_last)
         return self.head(self.features(x))
 
 
@@ -104,7 +118,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
                 in_features *= d
             return MLP(in_features, [int(h) for h in spec["hidden"]], num_classes, dropout, norm)
         if spec["arch"] == "cnn":
-            return SmallCNN(image_shape, [int(c) for c in spec["channels"]], int(spec["hidden"]), num_classes, dropout, norm)
+            blocks = [[int(c) for c in block] for block in spec["blocks"]]
+            return CNN(image_shape, blocks, int(spec["hidden"]), num_classes, dropout, norm)
     except (KeyError, TypeError, ValueError) as exc:
         raise KdpipeError(f"invalid model spec {spec!r}: {exc!r}.") from None
     raise KdpipeError(f"invalid model spec: unknown arch {spec.get('arch')!r} (known: mlp, cnn).")

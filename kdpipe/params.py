@@ -34,8 +34,11 @@ class TeacherParams:
     batch_size: int = 128  # images per optimizer step
     lr: float = 0.001  # Adam learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    seed: int = 0  # seeds initialisation, shuffling and dropout
+    seed: int = 0  # seeds initialisation, shuffling, dropout and the augmented views
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    augment: str = "auto"  # none | shift (up to 2 px) | shift-flip | auto: the dataset's default (flips for fashion-mnist only)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0 = hard labels)
+    schedule: str = "cosine"  # learning-rate schedule: constant | cosine (decays to 0 over all steps)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class CacheParams:
     batch_size: int = 2048  # images per teacher forward pass while caching
     min_val_accuracy: float = 0.5  # refuse to cache logits of a teacher below this validation accuracy
     device: str = "auto"  # auto | cpu | cuda
+    views: int = 8  # augmented views per training image whose logits are cached (distill.augment's policy); 0 = un-augmented only
+    seed: int = 0  # seed of the augmented views: a view is a pure function of (seed, view, image index)
+    dtype: str = "float32"  # float32 (exact) | float16 (half the size; fidelity recorded in the cache's metadata)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ class DistillParams:
     weight_decay: float = 0.0  # AdamW weight decay
     seed: int = 0  # seeds initialisation, shuffling and dropout (same for kd and baseline)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    augment: str = "auto"  # augmentation of the student's images (kd and baseline see the same views): none | shift | shift-flip | auto
+    teacher: str = "cache"  # cache: cycle through the cache's views | online: run the teacher on every batch (fresh views each epoch)
+    schedule: str = "cosine"  # learning-rate schedule: constant | cosine
     method: str = "kd"  # distillation loss (see kdpipe.losses.LOSSES)
     temperature: float = 4.0  # softening temperature T of teacher and student logits
     alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs cross-entropy
@@ -66,6 +75,7 @@ class EvaluateParams:
     batch_size: int = 1000  # images per forward pass when scoring the test set
     ece_bins: int = 15  # equal-width confidence bins of the expected calibration error
     latency_repeats: int = 50  # timed forward passes per latency measurement (median reported)
+    seeds: int = 1  # seeds of the kd-vs-baseline comparison; each seed beyond the first retrains both students here
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ SECTIONS: dict[str, type] = {
 # Keys of `distill` that only the distilled variant reads; the baseline (alpha=0,
 # no teacher) must not depend on them, or a temperature change would retrain it.
 KD_ONLY_KEYS = ("method", "temperature", "alpha", "beta")
+TEACHER_SOURCES = ("cache", "online")  # where distill@kd gets its soft targets
 
 
 def distill_keys(variant: str) -> list[str]:
@@ -95,7 +106,11 @@ def distill_keys(variant: str) -> list[str]:
     names = [f.name for f in fields(DistillParams)]
     if variant == "baseline":
         names = [n for n in names if n not in KD_ONLY_KEYS]
-    return [f"distill.{n}" for n in names]
+    return [f"distill.{n}" for n in names] + list(VIEW_KEYS)
+
+
+# Keys outside `distill` that both distill variants read: the views kd and baseline train on.
+VIEW_KEYS = ("cache.views", "cache.seed")
 
 
 def _check_type(section: str, key: str, value: Any, expected: type) -> Any:
@@ -160,7 +175,28 @@ def validate(p: Params) -> None:
     _require(p.distill.temperature > 0, "distill.temperature", f"must be positive, got {p.distill.temperature}")
     _require(0 <= p.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {p.distill.alpha}")
     _require(p.distill.beta >= 0, "distill.beta", f"must be >= 0, got {p.distill.beta}")
+    from kdpipe.augment import POLICIES
     from kdpipe.device import DEVICES
+    from kdpipe.logits import CACHE_DTYPES
+    from kdpipe.train import SCHEDULES
+
+    for section in ("teacher", "distill"):
+        s = getattr(p, section)
+        _require(s.augment in POLICIES, f"{section}.augment", f"is {s.augment!r}; valid values: {', '.join(POLICIES)}")
+        _require(s.schedule in SCHEDULES, f"{section}.schedule", f"is {s.schedule!r}; valid values: {', '.join(SCHEDULES)}")
+    _require(0 <= p.teacher.label_smoothing < 1, "teacher.label_smoothing", f"must be in [0, 1), got {p.teacher.label_smoothing}")
+    _require(p.distill.teacher in TEACHER_SOURCES, "distill.teacher", f"is {p.distill.teacher!r}; valid values: {', '.join(TEACHER_SOURCES)}")
+    _require(p.cache.views >= 0, "cache.views", f"must be >= 0, got {p.cache.views}")
+    _require(p.cache.seed >= 0, "cache.seed", f"must be >= 0, got {p.cache.seed}")
+    _require(p.cache.dtype in CACHE_DTYPES, "cache.dtype", f"is {p.cache.dtype!r}; valid values: {', '.join(CACHE_DTYPES)}")
+    _require(p.evaluate.seeds >= 1, "evaluate.seeds", f"must be at least 1, got {p.evaluate.seeds}")
+    if p.distill.augment != "none" and p.distill.teacher == "cache" and p.cache.views == 0:
+        raise KdpipeError(
+            f"params: `distill.augment` is {p.distill.augment!r} but `cache.views` is 0: the cache holds the teacher's "
+            f"logits for un-augmented images only, so a student seeing augmented images would learn from logits of "
+            f"other images. Set cache.views > 0 (the cache then holds logits of exactly the views the student sees), "
+            f"or distill.teacher: online (the teacher runs on every augmented batch; slower), or distill.augment: none."
+        )
 
     for section in ("teacher", "cache", "distill"):
         device = getattr(p, section).device
@@ -204,6 +240,12 @@ def load_params(path: str | Path) -> Params:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise KdpipeError(f"{path}: not valid YAML{where}: {problem}. Fix the syntax there.") from None
     return parse_params(raw, str(path))
+
+
+def value_of(params: Params, dotted: str) -> Any:
+    """``value_of(p, "distill.temperature")``: a value by the dotted name DVC uses."""
+    section, key = dotted.split(".", 1)
+    return getattr(getattr(params, section), key)
 
 
 def flatten(section: str, obj: Any) -> dict[str, Any]:

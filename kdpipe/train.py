@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdpipe.augment import ViewSchedule
 from kdpipe.checkpoint import Checkpoint, TrainState
 from kdpipe.errors import KdpipeError
 from kdpipe.inference import predict_logits
@@ -66,6 +68,14 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return total.item() / world
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def cosine_lr(lr: float, step: int, total_steps: int) -> float:
+    """Cosine decay from ``lr`` at step 0 towards 0 at ``total_steps`` (Loshchilov & Hutter 2017, no restarts)."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))
+
+
 def seed_everything(seed: int) -> None:
     """Seed every RNG that initialisation, shuffling and dropout use, and pin algorithms."""
     random.seed(seed)
@@ -100,6 +110,8 @@ def fit(
     on_epoch: EpochCallback | None = None,
     device: torch.device | str = "cpu",
     checkpoint: Checkpoint | None = None,
+    views: ViewSchedule | None = None,
+    schedule: str = "constant",
 ) -> FitResult:
     """Train ``model`` in place; keep the weights of the best validation epoch.
 
@@ -109,10 +121,21 @@ def fit(
     the device and the forward pass runs under bf16 autocast. With a
     ``checkpoint``, the state after each epoch is saved and a matching saved
     state is resumed from, giving the same bytes as an uninterrupted run.
+    With ``views``, each epoch trains on that epoch's augmented view of every
+    image; soft targets of shape ``[views, N, C]`` are then the teacher's
+    logits for exactly those views, and epoch ``e`` reads row ``views.view(e)``.
+    ``schedule`` is ``constant`` or ``cosine`` (lr decays to 0 over all steps,
+    a pure function of the step, so resuming needs no scheduler state).
     Raises :class:`KdpipeError` on a non-finite loss, naming epoch and step.
     """
-    if soft_targets is not None and soft_targets.shape[0] != images.shape[0]:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if soft_targets is not None and soft_targets.shape[-2] != images.shape[0]:
         raise ValueError("soft_targets must have one row per training image")
+    if soft_targets is not None and soft_targets.dim() == 3 and (views is None or views.cycle != soft_targets.shape[0]):
+        raise ValueError("soft targets of several views need a view schedule cycling through exactly those views")
+    if soft_targets is not None and soft_targets.dim() == 2 and views is not None:
+        raise ValueError("cached logits of un-augmented images cannot teach a student that sees augmented views")
     if soft_targets is not None and teacher is not None:
         raise ValueError("give cached soft_targets or an online teacher, not both")
     device = torch.device(device)
@@ -153,16 +176,23 @@ def fit(
         model.train()
         started = time.perf_counter()
         order = torch.randperm(n, generator=shuffle).to(device, non_blocking=True)
+        epoch_images = views.images(images, epoch) if views is not None else images
+        epoch_targets = soft_targets
+        if soft_targets is not None and soft_targets.dim() == 3:
+            epoch_targets = soft_targets[views.view(epoch)]
         total = 0.0
         for step in range(steps):
+            if schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(lr, (epoch - 1) * steps + step, epochs * steps)
             idx = order[step * batch_size : (step + 1) * batch_size][rank::world]
-            x = images[idx]
+            x = epoch_images[idx]
             if teacher is not None:
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                     targets = teacher(x).float()
                 targets = targets.clone()  # inference tensors cannot enter autograd
             else:
-                targets = soft_targets[idx] if soft_targets is not None else None
+                targets = epoch_targets[idx] if epoch_targets is not None else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                 logits = train_model(x)
             loss = loss_fn(logits.float(), labels[idx], targets)

@@ -18,13 +18,17 @@ from typing import Any, Callable
 import torch
 import typer
 
-from kdpipe.artifacts import sha256_file, write_json
+from kdpipe.artifacts import load_tensors, sha256_file, write_json
+from kdpipe.augment import ViewSchedule
 from kdpipe.checkpoint import Checkpoint, fingerprint
 from kdpipe.data import SplitData
 from kdpipe.device import resolve_device
 from kdpipe.errors import KdpipeError
+from kdpipe.logits import check_cache
 from kdpipe.losses import LossFn
-from kdpipe.models import param_count, save_model
+from kdpipe.models import load_model, param_count, save_model
+from kdpipe.params import Params
+from kdpipe.student import StudentSetup, expected_cache_views, student_setup
 from kdpipe.tracking import StageRun
 from kdpipe.train import EpochStats, FitResult, fit
 
@@ -37,7 +41,6 @@ CONFUSION_DIR = METRICS_DIR / "confusion"
 REPORT_FILE = METRICS_DIR / "report.md"
 CHECKPOINT_DIR = Path(".kdpipe/checkpoints")  # outside DVC's outputs: DVC deletes outputs before a stage reruns
 CODE_FILES = sorted([*Path(__file__).parent.glob("*.py"), *(Path(__file__).parents[1] / "kdpipe").glob("*.py")])
-VARIANTS = ("kd", "baseline")  # the distill stage's foreach keys in dvc.yaml
 
 
 def student_file(variant: str) -> Path:
@@ -188,18 +191,18 @@ def init_distributed(device_param: str) -> tuple[int, torch.device]:
 
 
 def train_logged(
-    label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, hp: Any,
-    inputs: dict[str, str], device: torch.device, is_main: bool = True,
+    label: str, run: StageRun, model, data: SplitData, *, loss_fn: LossFn, soft_targets=None, teacher=None,
+    views: ViewSchedule | None = None, hp: Any, inputs: dict[str, str], device: torch.device, is_main: bool = True,
 ) -> FitResult:
     """``fit`` with a progress display, per-epoch MLflow metrics and a per-epoch checkpoint.
 
     ``hp`` is the params section; ``inputs`` names the SHA-256 of every input
-    file. The checkpoint resumes only under the same params, inputs and code,
-    and is removed once training finishes.
+    file. The checkpoint resumes only under the same params, views, inputs and
+    code, and is removed once training finishes.
     """
     checkpoint = Checkpoint(
         CHECKPOINT_DIR / f"{label.replace('@', '_')}.safetensors",
-        fingerprint(label, dataclasses.asdict(hp), inputs, files=CODE_FILES),
+        fingerprint(label, dataclasses.asdict(hp), inputs, views.describe() if views else None, files=CODE_FILES),
     )
     with TrainingProgress(label, hp.epochs, quiet=not is_main) as progress:
 
@@ -212,13 +215,33 @@ def train_logged(
 
         result = fit(
             model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
-            loss_fn=loss_fn, soft_targets=soft_targets, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
+            loss_fn=loss_fn, soft_targets=soft_targets, teacher=teacher, views=views, schedule=hp.schedule, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
             weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch, checkpoint=checkpoint,
             device=device,
         )
     if is_main:
         checkpoint.remove()
     return result
+
+
+def prepare_student(variant: str, p: Params, data: SplitData, data_sha256: str) -> tuple[StudentSetup, dict[str, str]]:
+    """Load what a student variant learns from (the checked cache, or the online teacher) and the
+    SHA-256 of each such input, for the weights' metadata."""
+    inputs = {"data_sha256": data_sha256}
+    dataset = data.meta["dataset"]
+    if variant == "baseline":
+        return student_setup(variant, p, dataset), inputs
+    inputs["teacher_sha256"] = sha256_file(TEACHER_FILE)
+    if p.distill.teacher == "online":
+        teacher, _ = load_model(TEACHER_FILE, made_by="train_teacher")
+        return student_setup(variant, p, dataset, teacher=teacher), inputs
+    cache, cache_meta = load_tensors(LOGITS_FILE, made_by="cache_logits")
+    check_cache(
+        LOGITS_FILE, cache, cache_meta, teacher_sha256=inputs["teacher_sha256"], data_sha256=data_sha256,
+        rows={"train": data.train_labels.shape[0], "val": data.val_labels.shape[0]}, views=expected_cache_views(p, dataset),
+    )
+    inputs["logits_sha256"] = sha256_file(LOGITS_FILE)
+    return student_setup(variant, p, dataset, cache=cache), inputs
 
 
 def save_trained(name: str, run: StageRun, model, spec: dict, weights_file: Path, result: FitResult, extra_meta: dict) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 The only stage that touches the test set. Writes metrics/eval.json (DVC
 metrics), a confusion CSV per model (DVC plots) and metrics/report.md, and logs
 one nested MLflow run per model so the UI compares them side by side.
+
+With ``evaluate.seeds`` > 1, both students are retrained here with seeds
+distill.seed+1, ... (same views, budget and teacher) and the summary reports
+kd vs baseline as mean ± std over all seeds: one seed's difference is often
+within run-to-run noise.
 """
 
 from __future__ import annotations
@@ -13,17 +18,20 @@ from pathlib import Path
 
 import typer
 
-from kdpipe.artifacts import atomic_write_text, write_json
-from kdpipe.data import load_split
+from kdpipe.artifacts import atomic_write_text, sha256_file, write_json
+from kdpipe.data import SplitData, load_split
+from kdpipe.device import resolve_device
 from kdpipe.inference import predict_logits
 from kdpipe.metrics import accuracy, agreement, error_count, expected_calibration_error, latency_ms, nll
-from kdpipe.models import load_model, param_count
-from kdpipe.params import flatten, load_params
-from kdpipe.report import comparison, markdown_report
+from kdpipe.models import build_model, load_model, param_count
+from kdpipe.params import Params, flatten, load_params
+from kdpipe.report import comparison, markdown_report, seed_comparison
+from kdpipe.student import VARIANTS
 from kdpipe.tracking import StageRun
+from kdpipe.train import fit, seed_everything
 from stages._common import (
-    CONFUSION_DIR, DATA_FILE, METRICS_DIR, REPORT_FILE, TEACHER_FILE, VARIANTS, DebugOption, NoTrackOption,
-    ParamsOption, stage_command, student_file, summary,
+    CONFUSION_DIR, DATA_FILE, METRICS_DIR, REPORT_FILE, TEACHER_FILE, DebugOption, NoTrackOption,
+    ParamsOption, prepare_student, stage_command, student_file, summary,
 )
 
 
@@ -37,13 +45,38 @@ def confusion_csv(labels, predicted, classes: list[str]) -> str:
     return out.getvalue()
 
 
+def retrained_accuracies(params: Params, data: SplitData, spec: dict[str, dict], batch_size: int) -> dict[str, list[float]]:
+    """Test accuracy of kd and baseline students retrained with each extra seed (distill.seed+1, ...)."""
+    d = params.distill
+    device = resolve_device(d.device)
+    data_sha = sha256_file(DATA_FILE)
+    setups = {v: prepare_student(v, params, data, data_sha)[0] for v in VARIANTS}
+    out: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for seed in range(d.seed + 1, d.seed + params.evaluate.seeds):
+        for variant, setup in setups.items():
+            seed_everything(seed)
+            model = build_model(spec[variant])
+            result = fit(
+                model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
+                loss_fn=setup.loss_fn, soft_targets=setup.soft_targets, teacher=setup.teacher, views=setup.views,
+                schedule=d.schedule, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
+                seed=seed, device=device,
+            )
+            acc = accuracy(predict_logits(model, data.test_images, batch_size), data.test_labels)
+            out[variant].append(acc)
+            print(f"evaluate: seed {seed} {variant}: val acc {result.best.val_accuracy:.4f}, test acc {acc:.4f}", flush=True)
+    return out
+
+
 @stage_command
 def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: bool = DebugOption) -> None:
     """Score every model on the test set; write metrics/eval.json, confusion plots and metrics/report.md."""
-    p = load_params(params).evaluate
+    all_params = load_params(params)
+    p = all_params.evaluate
     data = load_split(DATA_FILE)
     files = {"teacher": (TEACHER_FILE, "train_teacher"), **{v: (student_file(v), f"distill@{v}") for v in VARIANTS}}
-    models = {name: load_model(path, made_by=stage)[0] for name, (path, stage) in files.items()}
+    loaded = {name: load_model(path, made_by=stage) for name, (path, stage) in files.items()}
+    models = {name: model for name, (model, _) in loaded.items()}
     images, labels = data.test_images, data.test_labels
     classes = data.meta["classes"]
     eval_file = METRICS_DIR / "eval.json"
@@ -65,7 +98,14 @@ def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: boo
                 "latency_ms_b256": round(latency_ms(model, images[:256], p.latency_repeats), 4),
             }
             atomic_write_text(CONFUSION_DIR / f"{name}.csv", confusion_csv(labels, out.argmax(1), classes))
-        result = {**scores, "summary": comparison(scores)}
+        accuracies = {v: [scores[v]["accuracy"]] for v in VARIANTS}
+        if p.seeds > 1:
+            extra = retrained_accuracies(all_params, data, {v: loaded[v][1]["spec"] for v in VARIANTS}, p.batch_size)
+            for v in VARIANTS:
+                accuracies[v] += extra[v]
+                for i, acc in enumerate(accuracies[v]):
+                    run.log_metrics({f"{v}.seed_accuracy": acc}, step=all_params.distill.seed + i)
+        result = {**scores, "summary": comparison(scores) | seed_comparison(scores["teacher"]["accuracy"], accuracies)}
         write_json(eval_file, result)
         atomic_write_text(REPORT_FILE, markdown_report(data.meta["dataset"], scores, result["summary"]))
         for name, row in scores.items():
@@ -74,11 +114,17 @@ def main(params: Path = ParamsOption, no_track: bool = NoTrackOption, debug: boo
         run.log_metrics({k: float(v) for k, v in result["summary"].items() if v is not None})
         run.log_artifact(REPORT_FILE)
     s = result["summary"]
-    summary(
-        "evaluate", [eval_file, REPORT_FILE, CONFUSION_DIR],
+    headline = (
         f"test acc teacher {scores['teacher']['accuracy']:.4f}, kd {scores['kd']['accuracy']:.4f}, "
-        f"baseline {scores['baseline']['accuracy']:.4f} (kd - baseline {s['kd_minus_baseline'] * 100:+.2f} points)",
+        f"baseline {scores['baseline']['accuracy']:.4f} (kd - baseline {s['kd_minus_baseline'] * 100:+.2f} points)"
     )
+    if p.seeds > 1:
+        headline += (
+            f"; over {p.seeds} seeds kd {s['kd_accuracy_mean']:.4f}±{s['kd_accuracy_std']:.4f}, "
+            f"baseline {s['baseline_accuracy_mean']:.4f}±{s['baseline_accuracy_std']:.4f} "
+            f"({s['kd_minus_baseline_mean'] * 100:+.2f} points)"
+        )
+    summary("evaluate", [eval_file, REPORT_FILE, CONFUSION_DIR], headline)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,13 @@ def test_weights_that_do_not_fit_the_spec_are_refused(tmp_path):
 def test_unknown_arch_in_metadata_is_refused():
     with pytest.raises(KdpipeError, match="unknown arch"):
         build_model({**spec(), "arch": "__import__('os')"})
+
+
+def test_cnn_blocks_follow_the_spec_and_run_channels_last():
+    model = build_model(spec("cnn-vgg4"))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # 3x3 convs without bias + batch norm (2 params per channel) + head from 64x7x7
+    expected = sum(9 * c.in_channels * c.out_channels + 2 * c.out_channels for c in convs) + 64 * 7 * 7 * 256 + 256 + 256 * 10 + 10
+    assert param_count(model) == expected

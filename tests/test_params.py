@@ -35,7 +35,7 @@ def with_change(section, key, value):
 @pytest.mark.parametrize(
     "section, key, value, message",
     [
-        ("distill", "temprature", 8, r"unknown key\(s\) `distill.temprature`.*Valid keys: alpha, batch_size"),
+        ("distill", "temprature", 8, r"unknown key\(s\) `distill.temprature`.*Valid keys: alpha, augment, batch_size"),
         ("distill", "temperature", "hot", "`distill.temperature` must be float, got str"),
         ("teacher", "epochs", 2.5, "`teacher.epochs` must be int"),
         ("teacher", "epochs", True, "`teacher.epochs` must be int"),
@@ -44,7 +44,15 @@ def with_change(section, key, value):
         ("teacher", "epochs", 0, "`teacher.epochs` must be at least 1"),
         ("distill", "batch_size", 0, "`distill.batch_size` must be at least 1"),
         ("data", "name", "cifar", "valid datasets: fashion-mnist, kmnist, local, mnist"),
-        ("teacher", "model", "resnet", "valid models: cnn-small, mlp-1200-1200, mlp-800"),
+        ("teacher", "model", "resnet", "valid models: cnn-small, cnn-vgg3, cnn-vgg4, mlp-1200-1200, mlp-800"),
+        ("teacher", "augment", "rotate", "`teacher.augment` is 'rotate'; valid values: auto, none, shift, shift-flip"),
+        ("distill", "schedule", "step", "`distill.schedule` is 'step'; valid values: constant, cosine"),
+        ("teacher", "label_smoothing", 1.0, r"`teacher.label_smoothing` must be in \[0, 1\)"),
+        ("distill", "teacher", "live", "`distill.teacher` is 'live'; valid values: cache, online"),
+        ("cache", "views", -1, "`cache.views` must be >= 0"),
+        ("cache", "dtype", "int8", "`cache.dtype` is 'int8'; valid values: float32, float16"),
+        ("evaluate", "seeds", 0, "`evaluate.seeds` must be at least 1"),
+        ("cache", "views", 0, r"`distill.augment` is 'auto' but `cache.views` is 0.*distill.teacher: online"),
         ("distill", "method", "magic", "valid methods: dkd, kd, kd_ls"),
         ("distill", "seed", KeyError, "lacks key"),
     ],
@@ -52,6 +60,15 @@ def with_change(section, key, value):
 def test_bad_values_are_named(section, key, value, message):
     with pytest.raises(KdpipeError, match=message):
         parse_params(with_change(section, key, value))
+
+
+def test_augmentation_without_cached_views_is_fine_online_or_unaugmented():
+    raw = with_change("cache", "views", 0)
+    raw["distill"]["teacher"] = "online"
+    assert parse_params(raw).cache.views == 0
+    raw = with_change("cache", "views", 0)
+    raw["distill"]["augment"] = "none"
+    assert parse_params(raw).distill.augment == "none"
 
 
 def test_int_is_accepted_for_float():
@@ -92,9 +109,9 @@ def test_dvc_yaml_declares_exactly_the_keys_each_stage_reads():
         "check_params": set(),  # an empty key list: DVC tracks every value in the file, typos included
         "download": {"data"},
         "train_teacher": {"teacher"},
-        "cache_logits": {"cache"},
+        "cache_logits": {"cache", "distill.augment"},
         "distill@kd": set(distill_keys("kd")),
         "distill@baseline": set(distill_keys("baseline")),
-        "evaluate": {"evaluate"},
+        "evaluate": {"evaluate", "distill", "cache.views", "cache.seed"},  # retrains students when evaluate.seeds > 1
     }
     assert not {"distill.temperature", "distill.alpha", "distill.method"} & declared["distill@baseline"]

@@ -92,6 +92,11 @@ def test_full_repro_writes_everything_and_logs_one_run_per_stage(project: Projec
         load_model(root / f"artifacts/students/{variant}/model.safetensors", made_by="distill")
     cache, cache_meta = load_tensors(root / "artifacts/teacher/logits.safetensors")
     assert cache["train_logits"].shape == (300, 10) and cache_meta["teacher_sha256"] == sha256_file(root / "artifacts/teacher/model.safetensors")
+    # Default augmentation of a `local` dataset is shifts only (flips are wrong for digits); 8 cached views.
+    assert cache["train_view_logits"].shape == (8, 300, 10) and cache_meta["views"] == {"count": 8, "policy": "shift", "seed": 0}
+    for variant in ("kd", "baseline"):  # both students trained on the same cycle of those views
+        _, student_meta = load_model(root / f"artifacts/students/{variant}/model.safetensors", made_by="distill")
+        assert student_meta["student"]["views"] == {"policy": "shift", "seed": 0, "cycle": 8, "stream": "student", "max_shift": 2}
     scores = json.loads((root / "metrics/eval.json").read_text())
     for model in ("teacher", "kd", "baseline"):
         assert {"accuracy", "errors", "nll", "ece", "agreement_with_teacher", "param_count", "file_bytes", "latency_ms_b1", "latency_ms_b256"} <= set(scores[model])
@@ -134,6 +139,23 @@ def test_temperature_reruns_only_kd_student_and_evaluate(project: Project):
 
 def test_evaluate_param_reruns_only_evaluate(project: Project):
     project.set_param("evaluate", "ece_bins", 10)
+    assert project.repro() == {"check_params", "evaluate"}
+
+
+def test_view_params_rerun_the_cache_and_both_students(project: Project):
+    project.set_param("cache", "views", 3)
+    assert project.repro() == {"check_params", "cache_logits", "distill@kd", "distill@baseline", "evaluate"}
+    cache, meta = load_tensors(project.root / "artifacts/teacher/logits.safetensors")
+    assert cache["train_view_logits"].shape == (3, 300, 10) and meta["views"]["count"] == 3
+
+
+def test_several_seeds_report_mean_and_std(project: Project):
+    project.set_param("evaluate", "seeds", 2)
+    assert project.repro() == {"check_params", "evaluate"}
+    summary = json.loads((project.root / "metrics/eval.json").read_text())["summary"]
+    assert summary["seeds"] == 2 and summary["kd_accuracy_std"] >= 0
+    assert "Over 2 student seeds" in (project.root / "metrics/report.md").read_text()
+    project.set_param("evaluate", "seeds", 1)
     assert project.repro() == {"check_params", "evaluate"}
 
 

@@ -85,3 +85,62 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path):
     assert train(ckpt) == uninterrupted
     # A checkpoint from other params/code is never resumed from.
     assert Checkpoint(tmp_path / "ckpt.safetensors", "fp-2").load() is None
+
+
+def test_cached_view_logits_teach_exactly_what_an_online_teacher_would():
+    """Soft targets for [views, N, C] must be those of the images the student sees in that epoch."""
+    from kdpipe.augment import ViewSchedule
+    from kdpipe.logits import VIEW_LOGITS, compute_cache
+
+    x, y, vx, vy = tiny()
+    torch.manual_seed(1)
+    teacher = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.0)).eval()
+    views = ViewSchedule("shift-flip", seed=3, cycle=2)
+    cache = compute_cache(teacher, {"train": x, "val": vx}, batch_size=300, views=2, policy="shift-flip", seed=3)
+    loss = make_loss("kd", temperature=2.0, alpha=1.0)
+    students = []
+    for source in ({"soft_targets": cache[VIEW_LOGITS]}, {"teacher": teacher}):
+        seed_everything(0)
+        student = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.0))
+        fit(student, x, y, val_images=vx, val_labels=vy, loss_fn=loss, epochs=3, batch_size=32, lr=1e-3,
+            weight_decay=0.0, seed=0, views=views, **source)
+        students.append(student.state_dict())
+    # Batch composition changes GEMM rounding in the last bits only; a wrong view would differ by orders more.
+    assert all(torch.allclose(students[0][k], students[1][k], atol=1e-5) for k in students[0])
+    seed_everything(0)
+    wrong = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.0))
+    fit(wrong, x, y, val_images=vx, val_labels=vy, loss_fn=loss, epochs=3, batch_size=32, lr=1e-3, weight_decay=0.0, seed=0,
+        views=views, soft_targets=cache[VIEW_LOGITS].flip(0))  # views swapped
+    assert not torch.allclose(wrong.state_dict()["net.0.weight"], students[0]["net.0.weight"], atol=1e-4)
+
+
+def test_view_logits_and_views_must_match():
+    from kdpipe.augment import ViewSchedule
+
+    x, y, vx, vy = tiny()
+    model = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.0))
+    common = dict(val_images=vx, val_labels=vy, loss_fn=make_loss("kd", temperature=2.0, alpha=0.5), epochs=1, batch_size=32,
+                  lr=1e-3, weight_decay=0.0, seed=0)
+    with pytest.raises(ValueError, match="un-augmented images cannot teach"):
+        fit(model, x, y, soft_targets=torch.zeros(300, 10), views=ViewSchedule("shift", 0, cycle=2), **common)
+    with pytest.raises(ValueError, match="view schedule cycling through exactly those views"):
+        fit(model, x, y, soft_targets=torch.zeros(3, 300, 10), views=ViewSchedule("shift", 0, cycle=2), **common)
+    with pytest.raises(ValueError, match="view schedule cycling through exactly those views"):
+        fit(model, x, y, soft_targets=torch.zeros(3, 300, 10), **common)
+
+
+def test_cosine_schedule_decays_to_zero_and_changes_training():
+    from kdpipe.train import cosine_lr
+
+    assert cosine_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert cosine_lr(0.1, 50, 100) == pytest.approx(0.05)
+    assert cosine_lr(0.1, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    x, y, vx, vy = tiny()
+    weights = []
+    for schedule in ("constant", "cosine"):
+        seed_everything(0)
+        model = build_model(make_spec("mlp-800", num_classes=10, image_shape=[28, 28], mean=0.2, std=0.3, dropout=0.0))
+        fit(model, x, y, val_images=vx, val_labels=vy, loss_fn=cross_entropy, epochs=2, batch_size=32, lr=1e-3,
+            weight_decay=0.0, seed=0, schedule=schedule)
+        weights.append(model.state_dict()["net.0.weight"])
+    assert not torch.equal(weights[0], weights[1])
