@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kdpipe.errors import KdpipeError
 
 MAX_SHIFT = 2  # pixels, each direction
-POLICIES = ("auto", "none", "shift", "shift-flip")
+POLICIES = ("auto", "none", "flip", "shift", "shift-flip")
 # What `auto` means per dataset: flips change the meaning of digits and characters.
 DATASET_POLICY = {"fashion-mnist": "shift-flip", "mnist": "shift", "kmnist": "shift", "local": "shift"}
 
@@ -55,7 +55,7 @@ def view_transforms(seed: int, view: int, n: int, policy: str, stream: str = "st
     Image ``i`` gets the same transform whatever ``n`` is: the hash input is the
     counter ``(stream, seed, view, i)`` itself.
     """
-    if policy not in ("none", "shift", "shift-flip"):
+    if policy not in ("none", "flip", "shift", "shift-flip"):
         raise ValueError(f"resolve the augmentation policy first (got {policy!r})")
     if seed < 0 or view < 0:
         raise ValueError("seed and view must be non-negative")
@@ -73,6 +73,8 @@ def view_transforms(seed: int, view: int, n: int, policy: str, stream: str = "st
     flip = torch.from_numpy(((h >> np.uint64(16)) & np.uint64(1)).astype(bool))
     if policy == "shift":
         flip = torch.zeros(n, dtype=torch.bool)
+    if policy == "flip":
+        dx, dy = zero, zero.clone()
     return dx, dy, flip
 
 
@@ -108,7 +110,7 @@ class ViewSchedule:
     """
 
     def __init__(self, policy: str, seed: int, cycle: int | None = None, stream: str = "student") -> None:
-        if policy not in ("shift", "shift-flip"):
+        if policy not in ("flip", "shift", "shift-flip"):
             raise ValueError(f"a view schedule needs an augmentation policy, got {policy!r}")
         if cycle is not None and cycle < 1:
             raise ValueError("cycle must be at least 1")

@@ -41,6 +41,8 @@ def test_transforms_cover_every_shift_and_flip_only_when_asked():
     assert set(zip(dx.tolist(), dy.tolist())) == {(i, j) for i in range(-MAX_SHIFT, MAX_SHIFT + 1) for j in range(-MAX_SHIFT, MAX_SHIFT + 1)}
     assert 0.45 < flip.float().mean().item() < 0.55
     assert not view_transforms(0, 0, 20000, "shift")[2].any()
+    dx, dy, flip = view_transforms(0, 0, 20000, "flip")
+    assert not dx.any() and not dy.any() and 0.45 < flip.float().mean().item() < 0.55
     dx, dy, flip = view_transforms(0, 0, 10, "none")
     assert not dx.any() and not dy.any() and not flip.any()
 

@@ -114,6 +114,10 @@ def set_param(dotted: str, value: Any) -> Breaker:
     return lambda root: edit_params(root, lambda p: p[section].__setitem__(key, value))
 
 
+def both(first: Breaker, second: Breaker) -> Breaker:
+    return lambda root: (first(root), second(root))
+
+
 def drop_section(section: str) -> Breaker:
     return lambda root: edit_params(root, lambda p: p.pop(section))
 
@@ -200,8 +204,8 @@ N_TRAIN_ROWS = N_TRAIN - VAL_SIZE
         pytest.param(DOWNLOAD, set_param("data.val_size", N_TRAIN), f"`data.val_size` is {N_TRAIN} but the training set has only {N_TRAIN} images", id="val-size-too-big"),
         pytest.param(DOWNLOAD, set_param("data.name", "cifar10"), "is 'cifar10'; valid datasets: fashion-mnist, kmnist, local, mnist", id="unknown-dataset"),
         pytest.param(TEACH, set_param("teacher.model", "resnet18"), "is 'resnet18'; valid models: cnn-small, cnn-vgg3, cnn-vgg4, mlp-1200-1200, mlp-800", id="unknown-model"),
-        pytest.param(KD, set_param("cache.views", 0), "`distill.augment` is 'auto' but `cache.views` is 0", id="augment-without-views"),
-        pytest.param(KD, set_param("cache.views", 3), "stale logits cache: it holds the teacher's logits for views {'count': 8", id="cache-of-other-views"),
+        pytest.param(KD, set_param("distill.augment", "shift"), "`distill.augment` is 'shift' but `cache.views` is 0", id="augment-without-views"),
+        pytest.param(KD, both(set_param("distill.augment", "shift"), set_param("cache.views", 3)), "stale logits cache: it holds the teacher's logits for views {'count': 0}", id="cache-of-other-views"),
         pytest.param(KD, set_param("distill.method", "fitnets"), "is 'fitnets'; valid methods: dkd, kd, kd_ls", id="unknown-method"),
         pytest.param(CACHE, drop_section("cache"), "params.yaml: missing section(s) 'cache'", id="missing-section"),
         pytest.param(("stages.evaluate",), malform_yaml, "params.yaml: not valid YAML", id="malformed-yaml"),

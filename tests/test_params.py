@@ -14,7 +14,7 @@ def base() -> dict:
 
 def test_repo_params_file_is_valid():
     p = load_params(REPO / "params.yaml")
-    assert p.data.name == "fashion-mnist" and p.teacher.model == "mlp-1200-1200" and p.distill.student == "mlp-800"
+    assert p.data.name == "fashion-mnist" and p.teacher.model == "cnn-vgg3" and p.distill.student == "mlp-800"
 
 
 def test_dataclass_defaults_match_params_yaml():
@@ -45,14 +45,14 @@ def with_change(section, key, value):
         ("distill", "batch_size", 0, "`distill.batch_size` must be at least 1"),
         ("data", "name", "cifar", "valid datasets: fashion-mnist, kmnist, local, mnist"),
         ("teacher", "model", "resnet", "valid models: cnn-small, cnn-vgg3, cnn-vgg4, mlp-1200-1200, mlp-800"),
-        ("teacher", "augment", "rotate", "`teacher.augment` is 'rotate'; valid values: auto, none, shift, shift-flip"),
+        ("teacher", "augment", "rotate", "`teacher.augment` is 'rotate'; valid values: auto, none, flip, shift, shift-flip"),
         ("distill", "schedule", "step", "`distill.schedule` is 'step'; valid values: constant, cosine"),
         ("teacher", "label_smoothing", 1.0, r"`teacher.label_smoothing` must be in \[0, 1\)"),
         ("distill", "teacher", "live", "`distill.teacher` is 'live'; valid values: cache, online"),
         ("cache", "views", -1, "`cache.views` must be >= 0"),
         ("cache", "dtype", "int8", "`cache.dtype` is 'int8'; valid values: float32, float16"),
         ("evaluate", "seeds", 0, "`evaluate.seeds` must be at least 1"),
-        ("cache", "views", 0, r"`distill.augment` is 'auto' but `cache.views` is 0.*distill.teacher: online"),
+        ("distill", "augment", "flip", r"`distill.augment` is 'flip' but `cache.views` is 0.*distill.teacher: online"),
         ("distill", "method", "magic", "valid methods: dkd, kd, kd_ls"),
         ("distill", "seed", KeyError, "lacks key"),
     ],
@@ -62,13 +62,13 @@ def test_bad_values_are_named(section, key, value, message):
         parse_params(with_change(section, key, value))
 
 
-def test_augmentation_without_cached_views_is_fine_online_or_unaugmented():
-    raw = with_change("cache", "views", 0)
+def test_augmentation_without_cached_views_is_fine_online_or_with_views():
+    raw = with_change("distill", "augment", "flip")
     raw["distill"]["teacher"] = "online"
     assert parse_params(raw).cache.views == 0
-    raw = with_change("cache", "views", 0)
-    raw["distill"]["augment"] = "none"
-    assert parse_params(raw).distill.augment == "none"
+    raw = with_change("distill", "augment", "flip")
+    raw["cache"]["views"] = 4
+    assert parse_params(raw).distill.augment == "flip"
 
 
 def test_int_is_accepted_for_float():

@@ -64,8 +64,9 @@ def project(tmp_path_factory) -> Project:
     params["data"].update(name="local", source=str(idx), val_size=60)
     params["teacher"].update(epochs=2, batch_size=32)
     params["distill"].update(epochs=2, batch_size=32)
-    params["cache"].update(min_val_accuracy=0.0)
-    params["evaluate"].update(latency_repeats=2)
+    params["cache"].update(min_val_accuracy=0.0, views=8)
+    params["distill"].update(augment="auto")  # exercise the augmented views end to end
+    params["evaluate"].update(latency_repeats=2, seeds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p.run("git", "init", "-q")
     p.run("dvc", "init", "-q")
@@ -116,7 +117,7 @@ def test_full_repro_writes_everything_and_logs_one_run_per_stage(project: Projec
         assert run.data.tags["dvc.stage"] and run.data.tags["git.commit"] != "unknown"
     by_name = {r.info.run_name: r for r in top}
     kd = by_name["distill@kd"]
-    assert kd.data.params["distill.temperature"] == "4.0" and "distill.temperature" not in by_name["distill@baseline"].data.params
+    assert kd.data.params["distill.temperature"] == "1.0" and "distill.temperature" not in by_name["distill@baseline"].data.params
     assert kd.data.tags["kdpipe.weights_sha256"] == sha256_file(root / "artifacts/students/kd/model.safetensors")
     assert len(client.get_metric_history(kd.info.run_id, "val_accuracy")) == 2
     artifacts = [a.path for a in client.list_artifacts(kd.info.run_id)]
