@@ -91,6 +91,19 @@ def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss, accuracy
 
 
+def match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored optimizer state the memory layout of its parameter.
+
+    Checkpoints store contiguous tensors; a channels-last conv weight's Adam
+    moments must be channels-last too, or the fused update pairs the wrong
+    elements and a resumed run drifts from an uninterrupted one.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)
+
+
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -165,6 +178,7 @@ def fit(
     if saved is not None and saved.epoch <= epochs:
         model.load_state_dict(saved.model)
         optimizer.load_state_dict({"state": saved.optimizer, "param_groups": optimizer.state_dict()["param_groups"]})
+        match_param_layouts(optimizer)
         shuffle.set_state(saved.shuffle_rng)
         torch.set_rng_state(saved.torch_rng)
         history = [EpochStats(**h) for h in saved.history]

@@ -161,7 +161,7 @@ def test_several_seeds_report_mean_and_std(project: Project):
 
 
 def test_teacher_param_reruns_teacher_cache_kd_student_and_evaluate(project: Project):
-    project.set_param("teacher", "lr", 0.002)
+    project.set_param("teacher", "lr", 0.003)
     assert project.repro() == {"check_params", "train_teacher", "cache_logits", "distill@kd", "evaluate"}
     assert project.repro() == set()
 

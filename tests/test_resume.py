@@ -81,7 +81,7 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path):
     _, err = proc.communicate()
     assert proc.returncode == 130 and "resume" in err and ckpt.exists()
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["teacher"]["lr"] = 0.002
+    params["teacher"]["lr"] = 0.003  # differs from the default
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = subprocess.run(teacher_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0 and "resuming" not in rerun.stderr and "teacher epoch 1/3" in rerun.stderr

@@ -220,7 +220,7 @@ def test_stages_log_params_metrics_tags_and_weights_to_a_tracking_server(tmp_pat
     run_id = teacher["info"]["run_id"]
     assert teacher["info"]["status"] == "FINISHED"
     params, metrics, tags = (by_key(teacher["data"].get(k, [])) for k in ("params", "metrics", "tags"))
-    assert params["teacher.epochs"] == "1" and params["teacher.model"] == "mlp-1200-1200"
+    assert params["teacher.epochs"] == "1" and params["teacher.model"] == "cnn-vgg3"
     assert {"train_loss", "val_loss", "val_accuracy", "epoch_seconds", "best_val_accuracy", "param_count"} <= set(metrics)
     assert tags["dvc.stage"] == "train_teacher" and tags["kdpipe.stage"] == "train_teacher"
     history = mlflow_server.get("mlflow/metrics/get-history", run_id=run_id, metric_key="val_accuracy")["metrics"]
