@@ -18,10 +18,10 @@ from tests.conftest import REPO, write_idx_dir
 TEACHER = Path("artifacts/teacher/model.safetensors")
 
 
-def prepare(root: Path, idx: Path) -> dict:
+def prepare(root: Path, idx: Path, epochs: int = 3) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(name="local", source="", val_size=200)
-    params["teacher"].update(epochs=3, batch_size=16)
+    params["teacher"].update(epochs=epochs, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "KDPIPE_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(REPO)
@@ -71,11 +71,11 @@ def test_sigkill_in_second_epoch_then_rerun_gives_identical_weights(tmp_path):
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path):
     idx = tmp_path / "idx"
     write_idx_dir(idx, n_train=600, n_test=50)
-    env = prepare(tmp_path, idx)
+    env = prepare(tmp_path, idx, epochs=30)  # long enough that Ctrl-C after epoch 1 lands mid-run
     ckpt = tmp_path / ".kdpipe/checkpoints/teacher.safetensors"
     proc = subprocess.Popen(teacher_cmd(), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if "teacher epoch 1/3" in line:
+        if "teacher epoch 1/30" in line:
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate()
@@ -84,4 +84,4 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path):
     params["teacher"]["lr"] = 0.003  # differs from the default
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = subprocess.run(teacher_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0 and "resuming" not in rerun.stderr and "teacher epoch 1/3" in rerun.stderr
+    assert rerun.returncode == 0 and "resuming" not in rerun.stderr and "teacher epoch 1/30" in rerun.stderr
