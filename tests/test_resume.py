@@ -71,11 +71,16 @@ def test_sigkill_in_second_epoch_then_rerun_gives_identical_weights(tmp_path):
 def test_checkpoint_from_other_params_is_not_resumed(tmp_path):
     idx = tmp_path / "idx"
     write_idx_dir(idx, n_train=600, n_test=50)
-    env = prepare(tmp_path, idx, epochs=30)  # long enough that Ctrl-C after epoch 1 lands mid-run
+    env = prepare(tmp_path, idx, epochs=10)  # long enough that Ctrl-C after epoch 1 lands mid-run
     ckpt = tmp_path / ".kdpipe/checkpoints/teacher.safetensors"
-    proc = subprocess.Popen(teacher_cmd(), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts a job in the background (`cmd &`) makes it ignore SIGINT, and children
+    # inherit that: restore the default so Ctrl-C behaves as on a terminal, however pytest was started.
+    proc = subprocess.Popen(
+        teacher_cmd(), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in proc.stderr:
-        if "teacher epoch 1/30" in line:
+        if "teacher epoch 1/10" in line:
             proc.send_signal(signal.SIGINT)
             break
     _, err = proc.communicate()
@@ -84,4 +89,4 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path):
     params["teacher"]["lr"] = 0.003  # differs from the default
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = subprocess.run(teacher_cmd(), cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert rerun.returncode == 0 and "resuming" not in rerun.stderr and "teacher epoch 1/30" in rerun.stderr
+    assert rerun.returncode == 0 and "resuming" not in rerun.stderr and "teacher epoch 1/10" in rerun.stderr
