@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from kdpipe.errors import KdpipeError
 
 MAX_SHIFT = 2  # pixels, each direction
-POLICIES = ("auto", "none", "flip", "shift", "shift-flip")
+VIEW_POLICIES = ("flip", "shift", "shift-flip")  # the policies that change images
+POLICIES = ("auto", "none", *VIEW_POLICIES)
 # What `auto` means per dataset: flips change the meaning of digits and characters.
 DATASET_POLICY = {"fashion-mnist": "shift-flip", "mnist": "shift", "kmnist": "shift", "local": "shift"}
 
@@ -55,19 +56,19 @@ def view_transforms(seed: int, view: int, n: int, policy: str, stream: str = "st
     Image ``i`` gets the same transform whatever ``n`` is: the hash input is the
     counter ``(stream, seed, view, i)`` itself.
     """
-    if policy not in ("none", "flip", "shift", "shift-flip"):
+    if policy not in ("none", *VIEW_POLICIES):
         raise ValueError(f"resolve the augmentation policy first (got {policy!r})")
     if seed < 0 or view < 0:
         raise ValueError("seed and view must be non-negative")
+    zero = torch.zeros(n, dtype=torch.int64)
+    if policy == "none":
+        return zero, zero.clone(), torch.zeros(n, dtype=torch.bool)
     key = np.uint64(STREAMS[stream])
     for part in (seed, view):
         key = _splitmix64(np.array([key ^ np.uint64(part)], dtype=np.uint64))[0]
     with np.errstate(over="ignore"):
         h = _splitmix64(np.arange(n, dtype=np.uint64) + key)
     span = np.uint64(2 * MAX_SHIFT + 1)
-    zero = torch.zeros(n, dtype=torch.int64)
-    if policy == "none":
-        return zero, zero.clone(), torch.zeros(n, dtype=torch.bool)
     dx = torch.from_numpy((h % span).astype(np.int64) - MAX_SHIFT)
     dy = torch.from_numpy(((h >> np.uint64(8)) % span).astype(np.int64) - MAX_SHIFT)
     flip = torch.from_numpy(((h >> np.uint64(16)) & np.uint64(1)).astype(bool))
@@ -110,7 +111,7 @@ class ViewSchedule:
     """
 
     def __init__(self, policy: str, seed: int, cycle: int | None = None, stream: str = "student") -> None:
-        if policy not in ("flip", "shift", "shift-flip"):
+        if policy not in VIEW_POLICIES:
             raise ValueError(f"a view schedule needs an augmentation policy, got {policy!r}")
         if cycle is not None and cycle < 1:
             raise ValueError("cycle must be at least 1")

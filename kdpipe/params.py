@@ -61,7 +61,7 @@ class DistillParams:
     weight_decay: float = 0.0  # AdamW weight decay
     seed: int = 0  # seeds initialisation, shuffling and dropout (same for kd and baseline)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
-    augment: str = "none"  # augmentation of the student's images (kd and baseline see the same views): none | shift | shift-flip | auto
+    augment: str = "none"  # augmentation of the student's images (kd and baseline see the same views): none | flip | shift | shift-flip | auto
     teacher: str = "cache"  # cache: cycle through the cache's views | online: run the teacher on every batch (fresh views each epoch)
     schedule: str = "cosine"  # learning-rate schedule: constant | cosine
     method: str = "kd"  # distillation loss (see kdpipe.losses.LOSSES)

@@ -28,6 +28,10 @@ class StudentSetup:
     teacher: nn.Module | None  # online teacher (distill.teacher: online)
     views: ViewSchedule | None  # the augmented views each epoch trains on; None = un-augmented images
 
+    def fit_kwargs(self) -> dict[str, Any]:
+        """The ``fit`` arguments this setup decides."""
+        return {"loss_fn": self.loss_fn, "soft_targets": self.soft_targets, "teacher": self.teacher, "views": self.views}
+
     def describe(self) -> dict[str, Any]:
         """JSON-able summary for metadata, checkpoint fingerprints and logs."""
         return {"views": self.views.describe() if self.views else None, "online_teacher": self.teacher is not None}

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 
 from kdpipe.augment import ViewSchedule
 from kdpipe.checkpoint import Checkpoint, TrainState
+from kdpipe.data import SplitData
 from kdpipe.errors import KdpipeError
 from kdpipe.inference import predict_logits
 from kdpipe.losses import LossFn
@@ -102,6 +103,16 @@ def match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 state[key] = torch.empty_like(param).copy_(value)
+
+
+def fit_section(model: nn.Module, data: SplitData, hp: Any, *, seed: int | None = None, **kwargs: Any) -> FitResult:
+    """``fit`` on the train/validation splits of ``data`` with a params section's budget
+    (teacher or distill: epochs, batch_size, lr, weight_decay, schedule, seed)."""
+    return fit(
+        model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
+        epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr, weight_decay=hp.weight_decay, schedule=hp.schedule,
+        seed=hp.seed if seed is None else seed, **kwargs,
+    )
 
 
 def fit(

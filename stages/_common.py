@@ -30,7 +30,7 @@ from kdpipe.models import load_model, param_count, save_model
 from kdpipe.params import Params
 from kdpipe.student import StudentSetup, expected_cache_views, student_setup
 from kdpipe.tracking import StageRun
-from kdpipe.train import EpochStats, FitResult, fit
+from kdpipe.train import EpochStats, FitResult, fit_section
 
 DATA_FILE = Path("data/dataset.safetensors")
 TEACHER_FILE = Path("artifacts/teacher/model.safetensors")
@@ -213,11 +213,9 @@ def train_logged(
                 step=stats.epoch,
             )
 
-        result = fit(
-            model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
-            loss_fn=loss_fn, soft_targets=soft_targets, teacher=teacher, views=views, schedule=hp.schedule, epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
-            weight_decay=hp.weight_decay, seed=hp.seed, on_batch=progress.on_batch, on_epoch=on_epoch, checkpoint=checkpoint,
-            device=device,
+        result = fit_section(
+            model, data, hp, loss_fn=loss_fn, soft_targets=soft_targets, teacher=teacher, views=views,
+            on_batch=progress.on_batch, on_epoch=on_epoch, checkpoint=checkpoint, device=device,
         )
     if is_main:
         checkpoint.remove()

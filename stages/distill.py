@@ -54,8 +54,7 @@ def main(
         seed_everything(p.seed)
         model = build_model(spec)
         result = train_logged(
-            f"distill@{variant}", run, model, data, loss_fn=setup.loss_fn, soft_targets=setup.soft_targets,
-            teacher=setup.teacher, views=setup.views, hp=p, inputs=inputs, device=device, is_main=rank == 0,
+            f"distill@{variant}", run, model, data, **setup.fit_kwargs(), hp=p, inputs=inputs, device=device, is_main=rank == 0,
         )
         if rank != 0:
             return

@@ -28,7 +28,7 @@ from kdpipe.params import Params, flatten, load_params
 from kdpipe.report import comparison, markdown_report, seed_comparison
 from kdpipe.student import VARIANTS
 from kdpipe.tracking import StageRun
-from kdpipe.train import fit, seed_everything
+from kdpipe.train import fit_section, seed_everything
 from stages._common import (
     CONFUSION_DIR, DATA_FILE, METRICS_DIR, REPORT_FILE, TEACHER_FILE, DebugOption, NoTrackOption,
     ParamsOption, prepare_student, stage_command, student_file, summary,
@@ -56,12 +56,7 @@ def retrained_accuracies(params: Params, data: SplitData, spec: dict[str, dict],
         for variant, setup in setups.items():
             seed_everything(seed)
             model = build_model(spec[variant])
-            result = fit(
-                model, data.train_images, data.train_labels, val_images=data.val_images, val_labels=data.val_labels,
-                loss_fn=setup.loss_fn, soft_targets=setup.soft_targets, teacher=setup.teacher, views=setup.views,
-                schedule=d.schedule, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
-                seed=seed, device=device,
-            )
+            result = fit_section(model, data, d, seed=seed, device=device, **setup.fit_kwargs())
             acc = accuracy(predict_logits(model, data.test_images, batch_size), data.test_labels)
             out[variant].append(acc)
             print(f"evaluate: seed {seed} {variant}: val acc {result.best.val_accuracy:.4f}, test acc {acc:.4f}", flush=True)
